@@ -1,0 +1,13 @@
+//! placeholder
+pub mod config;
+pub mod pipe;
+pub mod pool;
+pub mod protocol;
+pub mod reactor;
+pub mod relay;
+pub mod ring;
+pub mod sockio;
+pub mod state;
+
+pub use config::{Config, RelayStyle};
+pub use relay::{Relay, RelayHandle, RunningRelay, Stats};

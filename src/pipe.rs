@@ -1,0 +1,305 @@
+//! Moving bytes between sockets: endpoints with readiness kept in software,
+//! one-way [`Direction`]s with backpressure and half-close, and the two
+//! shapes built from them: a [`Pipe`] (two sockets, both ways) and an
+//! [`Echo`] (one socket, back to itself).
+//!
+//! Readiness contract (see mio's `Poll` docs): with edge triggering the
+//! kernel reports a socket ready once; it reports it again only after we
+//! have seen `WouldBlock`. So each half keeps a flag that an event sets and
+//! only a `WouldBlock` clears (invariant *Readiness in software*). When a
+//! destination is full we simply stop reading its source; the source's flag
+//! stays set, and the moment the ring drains reading resumes without waiting
+//! for an event that will never come (invariant *Backpressure*).
+
+use std::io;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+
+use crate::pool::BufferPool;
+use crate::ring::RingBuffer;
+use crate::sockio::{Io, read_into, write_from};
+
+/// Read/write rounds one direction may run per pump before yielding, so one
+/// fast pair cannot starve every other socket (at 32 KiB rings: 512 KiB).
+const PUMP_BUDGET: usize = 16;
+
+/// The read half of a socket, as far as we know.
+#[derive(Debug, Default)]
+pub struct RxState {
+    pub readable: bool, // set by events, cleared only by WouldBlock
+    pub eof: bool,      // the peer shut its write half; never read again
+}
+
+/// The write half of a socket, as far as we know.
+#[derive(Debug, Default)]
+pub struct TxState {
+    pub writable: bool, // set by events, cleared only by WouldBlock
+    pub shut: bool,     // we shut our write half toward the peer
+}
+
+/// A connected socket and its software readiness.
+pub struct Endpoint {
+    pub stream: TcpStream,
+    pub rx: RxState,
+    pub tx: TxState,
+}
+
+impl Endpoint {
+    /// Wraps a connected socket. Both halves start out ready: a syscall that
+    /// finds nothing returns `WouldBlock` and clears the flag, which is cheaper
+    /// and safer than trusting that the first edge has not been missed.
+    pub fn new(stream: TcpStream) -> Self {
+        Endpoint {
+            stream,
+            rx: RxState {
+                readable: true,
+                eof: false,
+            },
+            tx: TxState {
+                writable: true,
+                shut: false,
+            },
+        }
+    }
+
+    /// Records what an event says. Closed and error flags are hints: they
+    /// mark the half ready so that the next syscall learns the truth.
+    pub fn note(&mut self, event: &Event) {
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.rx.readable = true;
+        }
+        if event.is_writable() || event.is_write_closed() || event.is_error() {
+            self.tx.writable = true;
+        }
+    }
+
+    /// Makes the coming close send RST instead of FIN, so a peer whose stream
+    /// was cut short sees an error rather than a clean end it could mistake
+    /// for a complete stream.
+    pub fn abort_on_close(&self) {
+        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// Why a direction cannot go on.
+#[derive(Debug)]
+pub enum Broken {
+    /// A peer reset or vanished: ordinary, not worth an error log.
+    Reset,
+    /// Some other socket error.
+    Failed(io::Error),
+}
+
+/// What a pump left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Flow {
+    /// Everything ready was moved; wait for the next event.
+    Idle,
+    /// The budget ran out with work left; run me again soon.
+    More,
+    /// Both ways are finished: close the sockets.
+    Done,
+}
+
+/// One way of a stream: bytes from a source read half to a destination
+/// write half, through a ring lent by the pool only while bytes are in flight.
+#[derive(Default)]
+pub struct Direction {
+    ring: Option<RingBuffer>, // Some only while bytes are buffered or being read
+}
+
+impl Direction {
+    /// Moves bytes until nothing more can move or the budget is spent, then
+    /// carries a half-close: once the source is at EOF and every buffered
+    /// byte is written, the destination's write half is shut.
+    pub fn pump(
+        &mut self,
+        src: &TcpStream,
+        rx: &mut RxState,
+        dst: &TcpStream,
+        tx: &mut TxState,
+        pool: &mut BufferPool,
+    ) -> Result<Flow, Broken> {
+        for _ in 0..PUMP_BUDGET {
+            let read = self.fill(src, rx, pool)?;
+            let written = self.drain(dst, tx)?;
+            self.return_ring_if_empty(pool);
+            if rx.eof && self.ring.is_none() && !tx.shut {
+                shut_write(dst)?;
+                tx.shut = true;
+            }
+            if !read && !written {
+                return Ok(Flow::Idle);
+            }
+        }
+        Ok(Flow::More)
+    }
+
+    /// One read into the ring, if the source is readable and the ring has
+    /// room. Returns whether anything happened.
+    fn fill(&mut self, src: &TcpStream, rx: &mut RxState, pool: &mut BufferPool) -> Result<bool, Broken> {
+        if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(RingBuffer::is_full) {
+            return Ok(false);
+        }
+        let ring = self.ring.get_or_insert_with(|| pool.take());
+        match read_into(src, ring) {
+            Io::Moved(_) => Ok(true),
+            Io::WouldBlock => {
+                rx.readable = false;
+                Ok(false)
+            }
+            Io::Eof => {
+                rx.eof = true;
+                Ok(true)
+            }
+            Io::Reset => Err(Broken::Reset),
+            Io::Failed(e) => Err(Broken::Failed(e)),
+        }
+    }
+
+    /// One write from the ring, if it holds bytes and the destination is
+    /// writable. Returns whether anything happened.
+    fn drain(&mut self, dst: &TcpStream, tx: &mut TxState) -> Result<bool, Broken> {
+        let Some(ring) = self.ring.as_mut().filter(|r| !r.is_empty()) else {
+            return Ok(false);
+        };
+        if !tx.writable {
+            return Ok(false);
+        }
+        match write_from(dst, ring) {
+            Io::Moved(_) => Ok(true),
+            Io::WouldBlock => {
+                tx.writable = false;
+                Ok(false)
+            }
+            Io::Eof | Io::Reset => Err(Broken::Reset),
+            Io::Failed(e) => Err(Broken::Failed(e)),
+        }
+    }
+
+    fn return_ring_if_empty(&mut self, pool: &mut BufferPool) {
+        if self.ring.as_ref().is_some_and(RingBuffer::is_empty) {
+            if let Some(ring) = self.ring.take() {
+                pool.give(ring);
+            }
+        }
+    }
+
+    /// Gives the ring (and any bytes in it) back; for closing.
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        if let Some(ring) = self.ring.take() {
+            pool.give(ring);
+        }
+    }
+
+    /// Bytes buffered in this direction.
+    pub fn buffered(&self) -> usize {
+        self.ring.as_ref().map_or(0, RingBuffer::len)
+    }
+}
+
+fn shut_write(stream: &TcpStream) -> Result<(), Broken> {
+    match stream.shutdown(Shutdown::Write) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(Broken::Reset),
+        Err(e) => Err(Broken::Failed(e)),
+    }
+}
+
+/// Which socket of a [`Pipe`] an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    A,
+    B,
+}
+
+/// Two sockets piped both ways. Finished when both write halves are shut,
+/// i.e. both peers ended their streams and every byte was delivered.
+pub struct Pipe {
+    pub a: Endpoint,    // the side that arrived first (the relay's client)
+    pub b: Endpoint,    // the side that joined it (the app's dial-in)
+    a_to_b: Direction,  // bytes read from a, written to b
+    b_to_a: Direction,  // bytes read from b, written to a
+}
+
+impl Pipe {
+    /// Joins two endpoints; nothing moves until [`Pipe::pump`].
+    pub fn new(a: Endpoint, b: Endpoint) -> Self {
+        Pipe {
+            a,
+            b,
+            a_to_b: Direction::default(),
+            b_to_a: Direction::default(),
+        }
+    }
+
+    /// The endpoint on `side`.
+    pub fn endpoint_mut(&mut self, side: Side) -> &mut Endpoint {
+        match side {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    /// Pumps both directions once.
+    pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
+        let (a, b) = (&mut self.a, &mut self.b);
+        let ab = self.a_to_b.pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool)?;
+        let ba = self.b_to_a.pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool)?;
+        if a.tx.shut && b.tx.shut {
+            return Ok(Flow::Done);
+        }
+        Ok(ab.max(ba))
+    }
+
+    /// Closes with RST on both sides (after a reset or error on one of them:
+    /// invariant *Errors close the pair*), returning any buffers.
+    pub fn abort(&mut self, pool: &mut BufferPool) {
+        self.a.abort_on_close();
+        self.b.abort_on_close();
+        self.release(pool);
+    }
+
+    /// Returns any buffers to the pool.
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        self.a_to_b.release(pool);
+        self.b_to_a.release(pool);
+    }
+}
+
+/// One socket whose bytes are written back to it: the sample app's service.
+/// It runs on the same [`Direction`] as a pipe, from the socket's read half
+/// to its own write half, so it has the same backpressure and half-close.
+pub struct Echo {
+    pub end: Endpoint,
+    back: Direction,
+}
+
+impl Echo {
+    /// Echoes everything `end` sends.
+    pub fn new(end: Endpoint) -> Self {
+        Echo {
+            end,
+            back: Direction::default(),
+        }
+    }
+
+    /// Pumps once; `Done` after the peer's EOF has been echoed and our write
+    /// half shut.
+    pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
+        let end = &mut self.end;
+        let flow = self.back.pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool)?;
+        if end.tx.shut {
+            return Ok(Flow::Done);
+        }
+        Ok(flow)
+    }
+
+    /// Returns any buffer to the pool.
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        self.back.release(pool);
+    }
+}

@@ -1,0 +1,213 @@
+//! The control-line protocol, pure: formatting, parsing and bounded line framing.
+//!
+//! Wire format (compatible with the original Go relay), relay to app only:
+//!
+//! ```text
+//! established relay address port:<PORT>\n   once, when the app is registered
+//! <DIAL_PORT>\n                             once per client: dial in to this port
+//! ```
+//!
+//! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
+//! reader tolerates a `\r` before it. Nothing here touches a socket, so the
+//! parser is tested (and fuzzable) on bytes alone.
+
+use std::fmt;
+
+/// Prefix of the line that tells an app its relayed port.
+pub const ESTABLISHED_PREFIX: &str = "established relay address port:";
+
+/// Longest control line either side accepts, terminator included. The
+/// longest legitimate line is the `established` line (38 bytes); the slack
+/// leaves room for later extensions while bounding what a peer can make us
+/// hold (invariant *Bounded buffers*).
+pub const MAX_LINE: usize = 1024;
+
+/// The line announcing an app's relayed port.
+pub fn established_line(port: u16) -> String {
+    format!("{ESTABLISHED_PREFIX}{port}\n")
+}
+
+/// The line asking an app to dial in to `dial_port` for one waiting client.
+pub fn dial_line(dial_port: u16) -> String {
+    format!("{dial_port}\n")
+}
+
+/// A control line that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtocolError {
+    /// The line is not the expected kind of line.
+    Unexpected(String),
+    /// A port field is not a decimal number in 1..=65535.
+    BadPort(String),
+    /// A line grew past [`MAX_LINE`] bytes without a terminator.
+    LineTooLong,
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProtocolError::Unexpected(line) => write!(f, "unexpected line {line:?}"),
+            ProtocolError::BadPort(field) => write!(f, "bad port {field:?}"),
+            ProtocolError::LineTooLong => write!(f, "line longer than {MAX_LINE} bytes"),
+        }
+    }
+}
+
+impl std::error::Error for ProtocolError {}
+
+/// Parses a decimal port in 1..=65535: digits only, as the relay writes it.
+pub fn parse_port(field: &str) -> Result<u16, ProtocolError> {
+    let bad = || ProtocolError::BadPort(truncated(field));
+    if field.is_empty() || field.len() > 5 || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    match field.parse::<u16>() {
+        Ok(0) | Err(_) => Err(bad()),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// Parses the `established relay address port:<PORT>` line (without `\n`).
+pub fn parse_established(line: &str) -> Result<u16, ProtocolError> {
+    match line.strip_prefix(ESTABLISHED_PREFIX) {
+        Some(port) => parse_port(port),
+        None => Err(ProtocolError::Unexpected(truncated(line))),
+    }
+}
+
+/// Parses a `<DIAL_PORT>` line (without `\n`).
+pub fn parse_dial(line: &str) -> Result<u16, ProtocolError> {
+    parse_port(line)
+}
+
+/// At most 64 characters of `s`, for error messages about hostile input.
+fn truncated(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes.
+///
+/// Holds at most one partial line, so its memory is bounded whatever the
+/// peer sends.
+#[derive(Default)]
+pub struct LineReader {
+    partial: Vec<u8>, // bytes of the line not yet terminated
+}
+
+impl LineReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        LineReader::default()
+    }
+
+    /// Feeds `data`, calling `on_line` with each completed line (without its
+    /// `\n` or `\r\n`, lossily decoded as UTF-8). Fails once a line grows past
+    /// [`MAX_LINE`]; the reader must then be discarded with its connection.
+    pub fn feed(&mut self, data: &[u8], mut on_line: impl FnMut(&str)) -> Result<(), ProtocolError> {
+        let mut rest = data;
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if self.partial.len() + end + 1 > MAX_LINE {
+                return Err(ProtocolError::LineTooLong);
+            }
+            self.partial.extend_from_slice(&rest[..end]);
+            if self.partial.last() == Some(&b'\r') {
+                self.partial.pop();
+            }
+            on_line(&String::from_utf8_lossy(&self.partial));
+            self.partial.clear();
+            rest = &rest[end + 1..];
+        }
+        if self.partial.len() + rest.len() >= MAX_LINE {
+            return Err(ProtocolError::LineTooLong);
+        }
+        self.partial.extend_from_slice(rest);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(reader: &mut LineReader, data: &[u8]) -> Result<Vec<String>, ProtocolError> {
+        let mut out = Vec::new();
+        reader.feed(data, |l| out.push(l.to_owned()))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn lines_are_exactly_the_original_wire_format() {
+        assert_eq!(established_line(8081), "established relay address port:8081\n");
+        assert_eq!(dial_line(40123), "40123\n");
+    }
+
+    #[test]
+    fn formatted_lines_parse_back() {
+        for port in [1u16, 80, 8081, 65535] {
+            let est = established_line(port);
+            assert_eq!(parse_established(est.trim_end_matches('\n')), Ok(port));
+            let dial = dial_line(port);
+            assert_eq!(parse_dial(dial.trim_end_matches('\n')), Ok(port));
+        }
+    }
+
+    #[test]
+    fn bad_ports_are_refused() {
+        for field in ["", "0", "65536", "99999", "-1", "+80", " 80", "80 ", "8o", "0x50", "123456"] {
+            assert!(parse_port(field).is_err(), "{field:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn established_needs_its_prefix() {
+        assert!(matches!(parse_established("8081"), Err(ProtocolError::Unexpected(_))));
+        assert!(matches!(
+            parse_established("established relay address port:"),
+            Err(ProtocolError::BadPort(_))
+        ));
+    }
+
+    #[test]
+    fn reader_splits_across_feeds_and_strips_crlf() {
+        let mut r = LineReader::new();
+        assert_eq!(lines(&mut r, b"12").unwrap(), Vec::<String>::new());
+        assert_eq!(lines(&mut r, b"34\r\n56\n7").unwrap(), vec!["1234", "56"]);
+        assert_eq!(lines(&mut r, b"\n").unwrap(), vec!["7"]);
+    }
+
+    #[test]
+    fn reader_refuses_overlong_lines_without_a_terminator() {
+        let mut r = LineReader::new();
+        let long = vec![b'x'; MAX_LINE];
+        assert_eq!(lines(&mut r, &long), Err(ProtocolError::LineTooLong));
+    }
+
+    #[test]
+    fn reader_refuses_overlong_lines_built_from_small_pieces() {
+        let mut r = LineReader::new();
+        let mut result = Ok(Vec::new());
+        for _ in 0..MAX_LINE {
+            result = lines(&mut r, b"y");
+            if result.is_err() {
+                break;
+            }
+        }
+        assert_eq!(result, Err(ProtocolError::LineTooLong));
+    }
+
+    #[test]
+    fn reader_accepts_a_line_of_exactly_max_bytes() {
+        let mut r = LineReader::new();
+        let mut line = vec![b'z'; MAX_LINE - 1];
+        line.push(b'\n');
+        assert_eq!(lines(&mut r, &line).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn reader_survives_binary_garbage() {
+        let mut r = LineReader::new();
+        let garbage: Vec<u8> = (0..=255u8).cycle().take(600).collect();
+        let got = lines(&mut r, &garbage).unwrap();
+        assert_eq!(got.len(), 3, "0x0a appears at 10, 266 and 522");
+    }
+}

@@ -1,0 +1,301 @@
+//! The event loop shared by the relay and the sample app: poll, dispatch,
+//! then timers, requeued work and deferred closes; plus the token scheme,
+//! the timer heap, listener accept with back-off, and the stop handle.
+//!
+//! One turn of the loop, as in redis's `ae.c`:
+//!
+//! 1. wait for events, at most until the nearest deadline (zero if work was
+//!    requeued);
+//! 2. hand each event to the [`Handler`];
+//! 3. let the handler finish the turn: requeued sockets, expired timers,
+//!    and only then the closes that the turn asked for, so a slab slot is
+//!    never reused while an event for its old occupant may still be pending
+//!    (invariant *Deferred close*).
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Poll, Token, Waker};
+
+/// Wakes the loop from another thread (stop requests).
+pub const WAKER: Token = Token(usize::MAX);
+
+/// Sub-token bits: a slab entry may own up to four sockets (an app owns its
+/// control connection and two listeners; a client entry, two streams).
+const SUB_BITS: usize = 2;
+const SUB_MASK: usize = (1 << SUB_BITS) - 1;
+
+/// The token of socket `sub` (< 4) of slab entry `key`. With [`split`], the
+/// only place tokens and keys are converted (invariant *Tokens are keys*).
+pub fn token(key: usize, sub: usize) -> Token {
+    debug_assert!(sub <= SUB_MASK);
+    Token((key << SUB_BITS) | sub)
+}
+
+/// The slab key and socket index of a connection token.
+pub fn split(token: Token) -> (usize, usize) {
+    (token.0 >> SUB_BITS, token.0 & SUB_MASK)
+}
+
+/// What the loop needs from whatever it drives.
+pub trait Handler {
+    /// How long `poll` may block: `Some(ZERO)` when work is queued, the time to
+    /// the nearest deadline otherwise, `None` for no deadline at all.
+    fn poll_timeout(&self, now: Instant) -> Option<Duration>;
+    /// One readiness event (never the [`WAKER`]).
+    fn on_event(&mut self, event: &Event, now: Instant);
+    /// End of a turn: requeued work, expired timers, then deferred closes.
+    fn end_turn(&mut self, now: Instant);
+}
+
+/// Runs `handler` on `poll` until `stop` is raised. Returns only on a stop
+/// or if `poll` itself fails (which means the process is in trouble).
+pub fn run(poll: &mut Poll, handler: &mut impl Handler, stop: &AtomicBool) -> io::Result<()> {
+    let mut events = Events::with_capacity(1024);
+    loop {
+        let timeout = handler.poll_timeout(Instant::now());
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let now = Instant::now();
+        for event in events.iter().filter(|e| e.token() != WAKER) {
+            handler.on_event(event, now);
+        }
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        handler.end_turn(now);
+    }
+}
+
+/// Stops a running loop from any thread.
+#[derive(Clone)]
+pub struct Stopper {
+    waker: Arc<Waker>,    // interrupts the loop's poll
+    flag: Arc<AtomicBool>, // read by the loop after every turn
+}
+
+impl Stopper {
+    /// A stopper for `poll`, plus the flag its loop must watch.
+    pub fn new(poll: &Poll) -> io::Result<Self> {
+        Ok(Stopper {
+            waker: Arc::new(Waker::new(poll.registry(), WAKER)?),
+            flag: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Asks the loop to return; it does so at the end of its current turn.
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        // A failed wake can only mean the loop is already gone.
+        let _ = self.waker.wake();
+    }
+
+    /// The flag [`run`] watches.
+    pub fn flag(&self) -> &AtomicBool {
+        &self.flag
+    }
+}
+
+/// Deadlines keyed by slab entry, soonest first. An entry may be closed
+/// before its deadline; the `id` lets the owner recognise stale timers
+/// instead of searching the heap on every close.
+#[derive(Default)]
+pub struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>, // (deadline, key, id)
+}
+
+impl Timers {
+    /// Arms a timer for entry `key` whose occupant has identity `id`.
+    pub fn add(&mut self, deadline: Instant, key: usize, id: u64) {
+        self.heap.push(Reverse((deadline, key, id)));
+    }
+
+    /// The nearest deadline.
+    pub fn next(&self) -> Option<Instant> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
+    }
+
+    /// Removes and returns one timer due at `now`.
+    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _, _))) if *at <= now => {
+                self.heap.pop().map(|Reverse((_, key, id))| (key, id))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What one `accept` gave.
+pub enum Accepted {
+    /// A new connection.
+    Conn(TcpStream, SocketAddr),
+    /// No connection is pending: the listener's readiness is used up.
+    Empty,
+    /// This one connection failed (aborted before we took it, refused by a
+    /// firewall rule): go on with the next.
+    Skip,
+    /// Accepting cannot succeed now (out of descriptors or memory, or an error
+    /// we do not know): pause accepting and retry after a back-off instead of
+    /// spinning, since the listener stays readable.
+    Exhausted(io::Error),
+}
+
+/// Accepts one connection and classifies the outcome.
+pub fn accept(listener: &TcpListener) -> Accepted {
+    loop {
+        match listener.accept() {
+            Ok((stream, addr)) => return Accepted::Conn(stream, addr),
+            Err(e) => match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => return Accepted::Empty,
+                io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::PermissionDenied => return Accepted::Skip,
+                _ => return Accepted::Exhausted(e),
+            },
+        }
+    }
+}
+
+/// Accepts attempted per listener per turn before yielding to other sockets.
+pub const ACCEPT_BUDGET: usize = 64;
+
+/// The accept pause after the first exhaustion; doubled while it lasts.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// The longest accept pause: short enough that accepting resumes promptly
+/// once descriptors free up.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accept back-off shared by all listeners of a loop: when one accept finds
+/// the process out of descriptors, every listener would too.
+#[derive(Default)]
+pub struct AcceptGate {
+    paused_until: Option<Instant>, // no accepts before this
+    backoff: Option<Duration>,     // the current pause length, while failing
+    starved: Vec<Token>,           // listeners still readable, to retry
+    warned: bool,                  // one log line per episode, not per accept
+}
+
+impl AcceptGate {
+    /// May listeners accept now?
+    pub fn is_open(&self, now: Instant) -> bool {
+        self.paused_until.is_none_or(|t| now >= t)
+    }
+
+    /// Remembers that `listener` still has connections to take.
+    pub fn starve(&mut self, listener: Token) {
+        if !self.starved.contains(&listener) {
+            self.starved.push(listener);
+        }
+    }
+
+    /// Closes the gate after `err`, for a growing back-off.
+    pub fn exhausted(&mut self, now: Instant, listener: Token, err: &io::Error) {
+        let backoff = self
+            .backoff
+            .map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX));
+        if !self.warned {
+            log::warn!("accept failed ({err}); pausing accepts, open connections keep flowing");
+            self.warned = true;
+        }
+        self.backoff = Some(backoff);
+        self.paused_until = Some(now + backoff);
+        self.starve(listener);
+    }
+
+    /// An accept succeeded: the episode is over.
+    pub fn succeeded(&mut self) {
+        if self.warned {
+            log::info!("accepting again");
+        }
+        self.backoff = None;
+        self.warned = false;
+    }
+
+    /// When the pause ends, if one is on.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.paused_until.filter(|_| !self.starved.is_empty())
+    }
+
+    /// The listeners to retry, once the pause is over.
+    pub fn take_due(&mut self, now: Instant) -> Vec<Token> {
+        if !self.is_open(now) {
+            return Vec::new();
+        }
+        self.paused_until = None;
+        std::mem::take(&mut self.starved)
+    }
+}
+
+/// The earlier of two optional deadlines.
+pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Time from `now` to `deadline`, for `poll`: zero if it has passed.
+pub fn until(deadline: Option<Instant>, now: Instant) -> Option<Duration> {
+    deadline.map(|d| d.saturating_duration_since(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_stay_clear_of_the_waker() {
+        for key in [0usize, 1, 7, 123_456] {
+            for sub in 0..=SUB_MASK {
+                let t = token(key, sub);
+                assert_eq!(split(t), (key, sub));
+                assert_ne!(t, WAKER);
+            }
+        }
+    }
+
+    #[test]
+    fn timers_fire_in_deadline_order_only_when_due() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        timers.add(t0 + Duration::from_secs(2), 1, 10);
+        timers.add(t0 + Duration::from_secs(1), 2, 20);
+        assert_eq!(timers.next(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(timers.pop_due(t0), None);
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((2, 20)));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((1, 10)));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn accept_gate_backs_off_and_reopens() {
+        let t0 = Instant::now();
+        let mut gate = AcceptGate::default();
+        let err = io::Error::other("EMFILE");
+        gate.exhausted(t0, Token(4), &err);
+        assert!(!gate.is_open(t0));
+        assert_eq!(gate.take_due(t0), Vec::<Token>::new());
+        let first = gate.deadline().map(|d| d - t0);
+        assert_eq!(first, Some(ACCEPT_BACKOFF_MIN));
+        let later = t0 + ACCEPT_BACKOFF_MIN;
+        assert_eq!(gate.take_due(later), vec![Token(4)]);
+        gate.exhausted(later, Token(4), &err);
+        assert_eq!(gate.deadline().map(|d| d - later), Some(ACCEPT_BACKOFF_MIN * 2));
+        gate.succeeded();
+        gate.exhausted(later, Token(4), &err);
+        assert_eq!(gate.deadline().map(|d| d - later), Some(ACCEPT_BACKOFF_MIN));
+    }
+}

@@ -1,0 +1,178 @@
+//! Non-blocking socket I/O with every outcome classified in one place.
+//!
+//! Each read or write ends in exactly one [`Io`] value, so callers `match`
+//! instead of inspecting `io::ErrorKind`s. `Interrupted` is retried here and
+//! never seen above. A reset, an abort or a broken pipe is the peer going
+//! away, an ordinary event for a relay, so it is [`Io::Reset`] and is not
+//! logged as an error; only the remaining kinds are [`Io::Failed`].
+
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+
+use crate::ring::RingBuffer;
+
+/// What one read or write did.
+#[derive(Debug)]
+pub enum Io {
+    /// Moved this many bytes (never zero).
+    Moved(usize),
+    /// The kernel has nothing (read) or no room (write) now; wait for an event.
+    WouldBlock,
+    /// Orderly end of stream: the peer shut its write half (read only).
+    Eof,
+    /// The peer reset or vanished.
+    Reset,
+    /// Any other error.
+    Failed(io::Error),
+}
+
+/// Classifies the error of a syscall that was not retried.
+fn classify(err: io::Error) -> Io {
+    use io::ErrorKind::*;
+    match err.kind() {
+        WouldBlock => Io::WouldBlock,
+        ConnectionReset | ConnectionAborted | BrokenPipe | NotConnected | UnexpectedEof => {
+            Io::Reset
+        }
+        _ => Io::Failed(err),
+    }
+}
+
+/// Runs `op` until it returns something other than `Interrupted` (EINTR).
+fn retry(mut op: impl FnMut() -> io::Result<usize>) -> io::Result<usize> {
+    loop {
+        match op() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// Reads from `src` into the ring's free space with one `readv`.
+pub fn read_into(mut src: impl Read, ring: &mut RingBuffer) -> Io {
+    let result = ring.enqueue_with(|first, second| {
+        retry(|| src.read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)]))
+    });
+    match result {
+        Ok(0) => Io::Eof,
+        Ok(n) => Io::Moved(n),
+        Err(e) => classify(e),
+    }
+}
+
+/// Writes the ring's stored bytes to `dst` with one `writev`.
+pub fn write_from(mut dst: impl Write, ring: &mut RingBuffer) -> Io {
+    let result = ring.dequeue_with(|first, second| {
+        retry(|| dst.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]))
+    });
+    match result {
+        // A zero-byte write of a non-empty buffer means the socket is gone.
+        Ok(0) => Io::Reset,
+        Ok(n) => Io::Moved(n),
+        Err(e) => classify(e),
+    }
+}
+
+/// Writes `bytes` to `dst`, reporting how many went out.
+pub fn write_slice(mut dst: impl Write, bytes: &[u8]) -> Io {
+    match retry(|| dst.write(bytes)) {
+        Ok(0) => Io::Reset,
+        Ok(n) => Io::Moved(n),
+        Err(e) => classify(e),
+    }
+}
+
+/// Reads into `buf`, for control connections that parse what they read.
+pub fn read_slice(mut src: impl Read, buf: &mut [u8]) -> Io {
+    match retry(|| src.read(buf)) {
+        Ok(0) => Io::Eof,
+        Ok(n) => Io::Moved(n),
+        Err(e) => classify(e),
+    }
+}
+
+/// Turns on what a long-lived, mostly silent control connection needs:
+/// `TCP_NODELAY` (a dial line must not wait for Nagle), and keepalive plus
+/// `TCP_USER_TIMEOUT` so a peer that vanished without a FIN (power loss, NAT
+/// state dropped) is noticed within about a minute: 30 s idle, then three
+/// probes 10 s apart; or 60 s of unacknowledged data. Failures are ignored:
+/// these are optimisations of detection, not correctness.
+pub fn keep_alive(stream: &mio::net::TcpStream) {
+    use socket2::{SockRef, TcpKeepalive};
+    use std::time::Duration;
+    let _ = stream.set_nodelay(true);
+    let sock = SockRef::from(stream);
+    let probes = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = sock.set_tcp_keepalive(&probes);
+    #[cfg(target_os = "linux")]
+    let _ = sock.set_tcp_user_timeout(Some(Duration::from_secs(60)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader or writer that replays scripted results.
+    struct Script(Vec<io::Result<usize>>);
+
+    impl Read for Script {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            self.0.remove(0)
+        }
+    }
+
+    impl Write for Script {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            self.0.remove(0)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn err(kind: io::ErrorKind) -> io::Result<usize> {
+        Err(io::Error::from(kind))
+    }
+
+    #[test]
+    fn interrupted_is_retried() {
+        let mut ring = RingBuffer::new(8);
+        let script = Script(vec![err(io::ErrorKind::Interrupted), Ok(3)]);
+        assert!(matches!(read_into(script, &mut ring), Io::Moved(3)));
+        assert_eq!(ring.len(), 3);
+    }
+
+    #[test]
+    fn zero_read_is_eof_and_resets_are_not_failures() {
+        let mut ring = RingBuffer::new(8);
+        assert!(matches!(read_into(Script(vec![Ok(0)]), &mut ring), Io::Eof));
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            assert!(matches!(read_into(Script(vec![err(kind)]), &mut ring), Io::Reset));
+        }
+        let other = read_into(Script(vec![err(io::ErrorKind::PermissionDenied)]), &mut ring);
+        assert!(matches!(other, Io::Failed(_)));
+    }
+
+    #[test]
+    fn would_block_moves_nothing() {
+        let mut ring = RingBuffer::new(8);
+        ring.enqueue_slice(b"abc");
+        let outcome = write_from(Script(vec![err(io::ErrorKind::WouldBlock)]), &mut ring);
+        assert!(matches!(outcome, Io::WouldBlock));
+        assert_eq!(ring.len(), 3);
+    }
+
+    #[test]
+    fn partial_write_keeps_the_rest() {
+        let mut ring = RingBuffer::new(8);
+        ring.enqueue_slice(b"abcdef");
+        assert!(matches!(write_from(Script(vec![Ok(2)]), &mut ring), Io::Moved(2)));
+        assert_eq!(ring.len(), 4);
+    }
+}
