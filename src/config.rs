@@ -24,7 +24,9 @@ impl FromStr for RelayStyle {
         match s.to_ascii_lowercase().as_str() {
             "increment" | "1" => Ok(RelayStyle::Increment),
             "random" | "0" => Ok(RelayStyle::Random),
-            _ => Err(format!("unknown relay style {s:?} (use increment, random, 1 or 0)")),
+            _ => Err(format!(
+                "unknown relay style {s:?} (use increment, random, 1 or 0)"
+            )),
         }
     }
 }
@@ -86,7 +88,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        _ => return Err(format!("bad duration unit {unit:?} in {text:?} (use ms, s, m or h)")),
+        _ => {
+            return Err(format!(
+                "bad duration unit {unit:?} in {text:?} (use ms, s, m or h)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration {text:?} out of range"))
 }

@@ -1,4 +1,5 @@
 //! placeholder
+pub mod app;
 pub mod config;
 pub mod pipe;
 pub mod pool;
@@ -9,5 +10,6 @@ pub mod ring;
 pub mod sockio;
 pub mod state;
 
+pub use app::{EchoApp, RunningEcho};
 pub use config::{Config, RelayStyle};
 pub use relay::{Relay, RelayHandle, RunningRelay, Stats};

@@ -140,7 +140,12 @@ impl Direction {
 
     /// One read into the ring, if the source is readable and the ring has
     /// room. Returns whether anything happened.
-    fn fill(&mut self, src: &TcpStream, rx: &mut RxState, pool: &mut BufferPool) -> Result<bool, Broken> {
+    fn fill(
+        &mut self,
+        src: &TcpStream,
+        rx: &mut RxState,
+        pool: &mut BufferPool,
+    ) -> Result<bool, Broken> {
         if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(RingBuffer::is_full) {
             return Ok(false);
         }
@@ -219,10 +224,10 @@ pub enum Side {
 /// Two sockets piped both ways. Finished when both write halves are shut,
 /// i.e. both peers ended their streams and every byte was delivered.
 pub struct Pipe {
-    pub a: Endpoint,    // the side that arrived first (the relay's client)
-    pub b: Endpoint,    // the side that joined it (the app's dial-in)
-    a_to_b: Direction,  // bytes read from a, written to b
-    b_to_a: Direction,  // bytes read from b, written to a
+    pub a: Endpoint,   // the side that arrived first (the relay's client)
+    pub b: Endpoint,   // the side that joined it (the app's dial-in)
+    a_to_b: Direction, // bytes read from a, written to b
+    b_to_a: Direction, // bytes read from b, written to a
 }
 
 impl Pipe {
@@ -247,8 +252,12 @@ impl Pipe {
     /// Pumps both directions once.
     pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
         let (a, b) = (&mut self.a, &mut self.b);
-        let ab = self.a_to_b.pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool)?;
-        let ba = self.b_to_a.pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool)?;
+        let ab = self
+            .a_to_b
+            .pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool)?;
+        let ba = self
+            .b_to_a
+            .pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool)?;
         if a.tx.shut && b.tx.shut {
             return Ok(Flow::Done);
         }
@@ -291,7 +300,9 @@ impl Echo {
     /// half shut.
     pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
         let end = &mut self.end;
-        let flow = self.back.pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool)?;
+        let flow = self
+            .back
+            .pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool)?;
         if end.tx.shut {
             return Ok(Flow::Done);
         }

@@ -103,7 +103,11 @@ impl LineReader {
     /// Feeds `data`, calling `on_line` with each completed line (without its
     /// `\n` or `\r\n`, lossily decoded as UTF-8). Fails once a line grows past
     /// [`MAX_LINE`]; the reader must then be discarded with its connection.
-    pub fn feed(&mut self, data: &[u8], mut on_line: impl FnMut(&str)) -> Result<(), ProtocolError> {
+    pub fn feed(
+        &mut self,
+        data: &[u8],
+        mut on_line: impl FnMut(&str),
+    ) -> Result<(), ProtocolError> {
         let mut rest = data;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
             if self.partial.len() + end + 1 > MAX_LINE {
@@ -137,7 +141,10 @@ mod tests {
 
     #[test]
     fn lines_are_exactly_the_original_wire_format() {
-        assert_eq!(established_line(8081), "established relay address port:8081\n");
+        assert_eq!(
+            established_line(8081),
+            "established relay address port:8081\n"
+        );
         assert_eq!(dial_line(40123), "40123\n");
     }
 
@@ -153,14 +160,19 @@ mod tests {
 
     #[test]
     fn bad_ports_are_refused() {
-        for field in ["", "0", "65536", "99999", "-1", "+80", " 80", "80 ", "8o", "0x50", "123456"] {
+        for field in [
+            "", "0", "65536", "99999", "-1", "+80", " 80", "80 ", "8o", "0x50", "123456",
+        ] {
             assert!(parse_port(field).is_err(), "{field:?} must not parse");
         }
     }
 
     #[test]
     fn established_needs_its_prefix() {
-        assert!(matches!(parse_established("8081"), Err(ProtocolError::Unexpected(_))));
+        assert!(matches!(
+            parse_established("8081"),
+            Err(ProtocolError::Unexpected(_))
+        ));
         assert!(matches!(
             parse_established("established relay address port:"),
             Err(ProtocolError::BadPort(_))

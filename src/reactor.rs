@@ -81,7 +81,7 @@ pub fn run(poll: &mut Poll, handler: &mut impl Handler, stop: &AtomicBool) -> io
 /// Stops a running loop from any thread.
 #[derive(Clone)]
 pub struct Stopper {
-    waker: Arc<Waker>,    // interrupts the loop's poll
+    waker: Arc<Waker>,     // interrupts the loop's poll
     flag: Arc<AtomicBool>, // read by the loop after every turn
 }
 
@@ -293,7 +293,10 @@ mod tests {
         let later = t0 + ACCEPT_BACKOFF_MIN;
         assert_eq!(gate.take_due(later), vec![Token(4)]);
         gate.exhausted(later, Token(4), &err);
-        assert_eq!(gate.deadline().map(|d| d - later), Some(ACCEPT_BACKOFF_MIN * 2));
+        assert_eq!(
+            gate.deadline().map(|d| d - later),
+            Some(ACCEPT_BACKOFF_MIN * 2)
+        );
         gate.succeeded();
         gate.exhausted(later, Token(4), &err);
         assert_eq!(gate.deadline().map(|d| d - later), Some(ACCEPT_BACKOFF_MIN));

@@ -18,7 +18,9 @@ use crate::config::{Config, RelayStyle};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe, Side};
 use crate::pool::BufferPool;
 use crate::protocol::{dial_line, established_line};
-use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Stopper, Timers, split, token};
+use crate::reactor::{
+    self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Stopper, Timers, split, token,
+};
 use crate::sockio::keep_alive;
 use crate::state::{App, Conn, Ending, Waiting};
 
@@ -41,10 +43,10 @@ const POOL_MAX_IDLE: usize = 64;
 /// Live counts, updated by the reactor and read by any thread.
 #[derive(Default)]
 struct Counters {
-    apps: AtomicUsize,     // Registering + Registered
-    waiting: AtomicUsize,  // AwaitingDialIn
-    pipes: AtomicUsize,    // Piping
-    buffers: AtomicUsize,  // rings lent out by the pool
+    apps: AtomicUsize,    // Registering + Registered
+    waiting: AtomicUsize, // AwaitingDialIn
+    pipes: AtomicUsize,   // Piping
+    buffers: AtomicUsize, // rings lent out by the pool
 }
 
 impl Counters {
@@ -136,7 +138,8 @@ impl Relay {
         let addr = SocketAddr::new(config.bind, config.reg_port);
         let mut reg = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        poll.registry().register(&mut reg, REG_LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
         let reg_addr = reg.local_addr()?;
         let stopper = Stopper::new(&poll)?;
         let core = Core {
@@ -154,7 +157,11 @@ impl Relay {
             next_id: 0,
             counters: Arc::default(),
         };
-        Ok(Relay { poll, stopper, core })
+        Ok(Relay {
+            poll,
+            stopper,
+            core,
+        })
     }
 
     /// The registration address (with the real port when bound to port 0).
@@ -232,19 +239,19 @@ impl Drop for RunningRelay {
 
 /// The relay's state, driven by the reactor through [`Handler`].
 struct Core {
-    registry: Registry,          // registers sockets accepted mid-turn
-    config: Config,              // what the user asked for
-    reg: TcpListener,            // the registration port
-    reg_addr: SocketAddr,        // its bound address
-    conns: Slab<Conn>,           // every app, waiting client and pipe
-    pool: BufferPool,            // rings lent to directions with bytes in flight
-    timers: Timers,              // dial-in deadlines
-    gate: AcceptGate,            // accept back-off when out of descriptors
-    requeued: Vec<Token>,        // sockets that used their budget with work left
+    registry: Registry,            // registers sockets accepted mid-turn
+    config: Config,                // what the user asked for
+    reg: TcpListener,              // the registration port
+    reg_addr: SocketAddr,          // its bound address
+    conns: Slab<Conn>,             // every app, waiting client and pipe
+    pool: BufferPool,              // rings lent to directions with bytes in flight
+    timers: Timers,                // dial-in deadlines
+    gate: AcceptGate,              // accept back-off when out of descriptors
+    requeued: Vec<Token>,          // sockets that used their budget with work left
     closing: Vec<(usize, Ending)>, // entries to reap at the end of the turn
-    held_ports: BTreeSet<u16>,   // relayed ports apps hold now
-    next_id: u64,                // identity for the next waiting client
-    counters: Arc<Counters>,     // published counts
+    held_ports: BTreeSet<u16>,     // relayed ports apps hold now
+    next_id: u64,                  // identity for the next waiting client
+    counters: Arc<Counters>,       // published counts
 }
 
 impl Handler for Core {
@@ -252,7 +259,10 @@ impl Handler for Core {
         if !self.requeued.is_empty() {
             return Some(Duration::ZERO);
         }
-        reactor::until(reactor::earliest(self.timers.next(), self.gate.deadline()), now)
+        reactor::until(
+            reactor::earliest(self.timers.next(), self.gate.deadline()),
+            now,
+        )
     }
 
     fn on_event(&mut self, event: &Event, now: Instant) {
@@ -266,7 +276,9 @@ impl Handler for Core {
         self.requeued.extend(self.gate.take_due(now));
         self.expire_waiting(now);
         self.reap();
-        self.counters.buffers.store(self.pool.lent(), Ordering::Relaxed);
+        self.counters
+            .buffers
+            .store(self.pool.lent(), Ordering::Relaxed);
     }
 }
 
@@ -378,9 +390,19 @@ impl Core {
         let key = entry.key();
         let registered = self
             .registry
-            .register(&mut control, token(key, CONTROL), Interest::READABLE | Interest::WRITABLE)
-            .and_then(|()| self.registry.register(&mut relayed, token(key, RELAYED), Interest::READABLE))
-            .and_then(|()| self.registry.register(&mut dial, token(key, DIAL), Interest::READABLE));
+            .register(
+                &mut control,
+                token(key, CONTROL),
+                Interest::READABLE | Interest::WRITABLE,
+            )
+            .and_then(|()| {
+                self.registry
+                    .register(&mut relayed, token(key, RELAYED), Interest::READABLE)
+            })
+            .and_then(|()| {
+                self.registry
+                    .register(&mut dial, token(key, DIAL), Interest::READABLE)
+            });
         if let Err(e) = registered {
             return log::warn!("app {peer} refused: cannot register its sockets: {e}");
         }
@@ -389,7 +411,11 @@ impl Core {
         let conn = entry.insert(Conn::Registering(app));
         self.counters.entered(conn);
         self.held_ports.insert(ports.0);
-        log::info!("app {peer} registered: relayed port {} open (dial-in port {})", ports.0, ports.1);
+        log::info!(
+            "app {peer} registered: relayed port {} open (dial-in port {})",
+            ports.0,
+            ports.1
+        );
         self.serve_control(key);
     }
 
@@ -405,11 +431,18 @@ impl Core {
         for port in (first..=u16::MAX).filter(|p| !self.held_ports.contains(p)) {
             match TcpListener::bind(SocketAddr::new(ip, port)) {
                 Ok(listener) => return Ok(listener),
-                Err(e) if matches!(e.kind(), io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+                    ) => {}
                 Err(e) => return Err(e),
             }
         }
-        Err(io::Error::new(io::ErrorKind::AddrInUse, format!("no free port in {first}-65535")))
+        Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("no free port in {first}-65535"),
+        ))
     }
 
     /// Reads from and writes to an app's control connection; moves it from
@@ -418,7 +451,9 @@ impl Core {
         let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
             return;
         };
-        let result = app.read_control().and_then(|flow| app.flush().map(|()| flow));
+        let result = app
+            .read_control()
+            .and_then(|flow| app.flush().map(|()| flow));
         let flushed = app.flushed();
         match result {
             Ok(Flow::More) => self.requeued.push(token(key, CONTROL)),
@@ -434,7 +469,13 @@ impl Core {
     }
 
     /// A client on an app's relayed port: queue it and ask the app to dial in.
-    fn admit_client(&mut self, app_key: usize, mut stream: TcpStream, peer: SocketAddr, now: Instant) {
+    fn admit_client(
+        &mut self,
+        app_key: usize,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
         let max_waiting = self.config.max_waiting_per_app;
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
@@ -458,7 +499,10 @@ impl Core {
         let entry = self.conns.vacant_entry();
         let key = entry.key();
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self.registry.register(&mut stream, token(key, CLIENT), interest) {
+        if let Err(e) = self
+            .registry
+            .register(&mut stream, token(key, CLIENT), interest)
+        {
             return log::warn!("client {peer} dropped: cannot register: {e}");
         }
         self.next_id += 1;
@@ -468,8 +512,10 @@ impl Core {
             app: app_key,
             id: self.next_id,
         };
-        self.counters.entered(entry.insert(Conn::AwaitingDialIn(waiting)));
-        self.timers.add(now + self.config.dial_in_timeout, key, self.next_id);
+        self.counters
+            .entered(entry.insert(Conn::AwaitingDialIn(waiting)));
+        self.timers
+            .add(now + self.config.dial_in_timeout, key, self.next_id);
         if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
             app.waiting.push_back(key);
             app.queue(&line);
@@ -485,7 +531,10 @@ impl Core {
             return;
         };
         if peer.ip().to_canonical() != app.peer.ip().to_canonical() {
-            log::debug!("dial-in from {peer} refused: app {} registered from another address", app.peer);
+            log::debug!(
+                "dial-in from {peer} refused: app {} registered from another address",
+                app.peer
+            );
             return Endpoint::new(stream).abort_on_close();
         }
         let Some(client) = app.waiting.pop_front() else {
@@ -499,7 +548,10 @@ impl Core {
     /// sent bytes while it waited, and no new event will announce them.
     fn pair(&mut self, key: usize, mut dial_in: TcpStream) {
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self.registry.register(&mut dial_in, token(key, DIAL_IN), interest) {
+        if let Err(e) = self
+            .registry
+            .register(&mut dial_in, token(key, DIAL_IN), interest)
+        {
             log::warn!("dial-in dropped: cannot register: {e}");
             return self.close(key, Ending::Failed(e));
         }

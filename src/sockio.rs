@@ -153,9 +153,15 @@ mod tests {
             io::ErrorKind::BrokenPipe,
             io::ErrorKind::ConnectionAborted,
         ] {
-            assert!(matches!(read_into(Script(vec![err(kind)]), &mut ring), Io::Reset));
+            assert!(matches!(
+                read_into(Script(vec![err(kind)]), &mut ring),
+                Io::Reset
+            ));
         }
-        let other = read_into(Script(vec![err(io::ErrorKind::PermissionDenied)]), &mut ring);
+        let other = read_into(
+            Script(vec![err(io::ErrorKind::PermissionDenied)]),
+            &mut ring,
+        );
         assert!(matches!(other, Io::Failed(_)));
     }
 
@@ -172,7 +178,10 @@ mod tests {
     fn partial_write_keeps_the_rest() {
         let mut ring = RingBuffer::new(8);
         ring.enqueue_slice(b"abcdef");
-        assert!(matches!(write_from(Script(vec![Ok(2)]), &mut ring), Io::Moved(2)));
+        assert!(matches!(
+            write_from(Script(vec![Ok(2)]), &mut ring),
+            Io::Moved(2)
+        ));
         assert_eq!(ring.len(), 4);
     }
 }

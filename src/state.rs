@@ -93,7 +93,13 @@ pub struct App {
 
 impl App {
     /// A new app; both halves of its control connection start out ready.
-    pub fn new(control: TcpStream, peer: SocketAddr, relayed: TcpListener, dial: TcpListener, ports: (u16, u16)) -> Self {
+    pub fn new(
+        control: TcpStream,
+        peer: SocketAddr,
+        relayed: TcpListener,
+        dial: TcpListener,
+        ports: (u16, u16),
+    ) -> Self {
         App {
             control,
             peer,
@@ -163,7 +169,11 @@ impl App {
                 Io::Failed(e) => return Err(Ending::Failed(e)),
             }
         }
-        Ok(if self.readable { Flow::More } else { Flow::Idle })
+        Ok(if self.readable {
+            Flow::More
+        } else {
+            Flow::Idle
+        })
     }
 
     fn take_lines(&mut self, data: &[u8]) -> Result<(), Ending> {
@@ -181,10 +191,10 @@ impl App {
 
 /// A client accepted on a relayed port, waiting for its app's dial-in.
 pub struct Waiting {
-    pub client: Endpoint,  // its socket; not read until paired
-    pub peer: SocketAddr,  // for logs
-    pub app: usize,        // slab key of its app
-    pub id: u64,           // identity, to recognise this client's timer
+    pub client: Endpoint, // its socket; not read until paired
+    pub peer: SocketAddr, // for logs
+    pub app: usize,       // slab key of its app
+    pub id: u64,          // identity, to recognise this client's timer
 }
 
 impl Waiting {
