@@ -292,11 +292,11 @@ impl Core {
                 return self.closing.push((key, false));
             }
         }
-        if let Some(slot) = self.conns.get_mut(key) {
-            if let Conn::Dialing(stream) = std::mem::replace(slot, Conn::Closed) {
-                let _ = stream.set_nodelay(true);
-                *slot = Conn::Echoing(Echo::new(Endpoint::new(stream)));
-            }
+        if let Some(slot) = self.conns.get_mut(key)
+            && let Conn::Dialing(stream) = std::mem::replace(slot, Conn::Closed)
+        {
+            let _ = stream.set_nodelay(true);
+            *slot = Conn::Echoing(Echo::new(Endpoint::new(stream)));
         }
         self.pump(key);
     }

@@ -1,4 +1,95 @@
-//! placeholder
+//! # tcp-relay
+//!
+//! A TCP relay that never initiates a connection. An **app** behind NAT
+//! connects out to the relay's registration port; the relay opens a public
+//! **relayed port** for it. Each **client** that connects there is announced
+//! to the app over its control connection, the app **dials in** a fresh
+//! connection, and the relay pipes client and dial-in both ways, byte-exact.
+//! The control protocol ([`protocol`]) is wire-compatible with the original
+//! Go relay.
+//!
+//! ## Lifecycle
+//!
+//! Every connection the relay holds is one entry of a `slab`, in one of the
+//! states of [`state::Conn`]:
+//!
+//! ```text
+//! app:     accept ─► Registering ─► Registered ─► closed  (its ports close with it)
+//! client:  accept ─► AwaitingDialIn ─► Piping ─► closed
+//!                        └─ timeout / app gone ─► closed
+//! ```
+//!
+//! An app entry owns its control connection, its relayed listener and its
+//! dial-in listener. A client entry owns the client socket and, once paired,
+//! the dial-in: pairing turns `AwaitingDialIn` into `Piping` in place, so the
+//! client keeps its slab key and token.
+//!
+//! ## The loop
+//!
+//! One thread, one `mio::Poll`, edge-triggered ([`reactor::run`]). A turn
+//! waits for events no longer than the nearest deadline, dispatches each
+//! event to the entry its token names, then runs requeued work, fires
+//! expired timers and finally reaps the entries closed during the turn.
+//! The relay's handler is [`relay`]; the sample app's is [`app`]; both move
+//! bytes with the same [`pipe::Direction`].
+//!
+//! ## Token scheme
+//!
+//! Fixed sources have named tokens at the top of the range
+//! ([`reactor::WAKER`], the registration listener). A connection token is
+//! `slab key << 2 | socket index` ([`reactor::token`], [`reactor::split`]);
+//! an entry has at most four sockets (an app has three: control, relayed
+//! listener, dial-in listener; a pipe has two: client and dial-in).
+//!
+//! ## Invariants
+//!
+//! Code comments refer to these by name.
+//!
+//! 1. **Tokens are keys.** Tokens and slab keys convert only through
+//!    `reactor::token`/`reactor::split`. An entry is registered from its
+//!    `vacant_entry()` key before it is inserted, so they cannot diverge;
+//!    events for vacant keys are stale and ignored.
+//! 2. **Readiness in software.** Every socket half has a flag that events
+//!    set and only a `WouldBlock` clears. Edge-triggered polling reports a
+//!    readiness once; the flag remembers it.
+//! 3. **The writable invariant.** Bytes that enter a ring are written toward
+//!    the peer in the same pump; nothing waits for a writable edge that may
+//!    already have been consumed. Work cut short by a budget is requeued by
+//!    the handler itself.
+//! 4. **Backpressure.** A direction reads its source only while its ring has
+//!    room. When the destination stalls, the ring fills, reading stops, the
+//!    kernel's windows fill and the sender is slowed; when the ring drains,
+//!    reading resumes at once because the source's flag is still set.
+//! 5. **Bounded buffers.** Everything a peer controls is bounded: rings are
+//!    fixed-size ([`ring::RingBuffer`]), control lines are at most
+//!    [`protocol::MAX_LINE`] bytes, an app's queue of waiting clients and of
+//!    control bytes is capped.
+//! 6. **Idle pipes hold no buffers.** A direction borrows a ring from the
+//!    [`pool::BufferPool`] only while bytes are in flight.
+//! 7. **Deferred close.** Handlers only schedule closes; the loop reaps after
+//!    the turn, so a slot is never reused while an event for its previous
+//!    occupant may still be pending in the same batch.
+//! 8. **Errors close the pair, and only the pair.** An orderly end (FIN) is
+//!    carried as a half-close after every buffered byte is delivered; a
+//!    reset or error on either side closes both sides with RST. No error on
+//!    one connection escapes its entry.
+//! 9. **An app owns its ports.** When the control connection ends, the
+//!    relayed and dial-in listeners close at once and waiting clients are
+//!    closed; established pipes run on.
+//! 10. **The relay never dials.** Every socket the relay holds was accepted.
+//!
+//! ## Using the library
+//!
+//! ```no_run
+//! use tcp_relay::{Config, Relay};
+//! # fn main() -> std::io::Result<()> {
+//! let relay = Relay::bind(Config { reg_port: 0, ..Config::default() })?;
+//! println!("apps register on {}", relay.reg_addr());
+//! let running = relay.spawn()?; // or relay.run() on this thread
+//! println!("{:?}", running.stats());
+//! # Ok(()) }
+//! ```
+
 pub mod app;
 pub mod config;
 pub mod pipe;

@@ -13,17 +13,16 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::time::Duration;
 
 use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::pool::BufferPool;
 use crate::ring::RingBuffer;
-use crate::sockio::{Io, read_into, write_from};
+use crate::sockio::{Io, read_into, reset_on_close, write_from};
 
 /// Read/write rounds one direction may run per pump before yielding, so one
-/// fast pair cannot starve every other socket (at 32 KiB rings: 512 KiB).
+/// fast pair cannot starve every other socket (at 64 KiB rings: up to 1 MiB).
 const PUMP_BUDGET: usize = 16;
 
 /// The read half of a socket, as far as we know.
@@ -76,11 +75,9 @@ impl Endpoint {
         }
     }
 
-    /// Makes the coming close send RST instead of FIN, so a peer whose stream
-    /// was cut short sees an error rather than a clean end it could mistake
-    /// for a complete stream.
+    /// Makes the coming close send RST instead of FIN ([`reset_on_close`]).
     pub fn abort_on_close(&self) {
-        let _ = socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO));
+        reset_on_close(&self.stream);
     }
 }
 
@@ -186,10 +183,10 @@ impl Direction {
     }
 
     fn return_ring_if_empty(&mut self, pool: &mut BufferPool) {
-        if self.ring.as_ref().is_some_and(RingBuffer::is_empty) {
-            if let Some(ring) = self.ring.take() {
-                pool.give(ring);
-            }
+        if self.ring.as_ref().is_some_and(RingBuffer::is_empty)
+            && let Some(ring) = self.ring.take()
+        {
+            pool.give(ring);
         }
     }
 

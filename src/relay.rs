@@ -4,8 +4,7 @@
 use std::collections::BTreeSet;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -21,7 +20,7 @@ use crate::protocol::{dial_line, established_line};
 use crate::reactor::{
     self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Stopper, Timers, split, token,
 };
-use crate::sockio::keep_alive;
+use crate::sockio::{keep_alive, reset_on_close};
 use crate::state::{App, Conn, Ending, Waiting};
 
 /// The registration listener's token (fixed; connection tokens are slab keys).
@@ -40,40 +39,39 @@ const DIAL_IN: usize = 1;
 /// small enough (64 × 64 KiB = 4 MiB) to give memory back after it.
 const POOL_MAX_IDLE: usize = 64;
 
-/// Live counts, updated by the reactor and read by any thread.
+/// Counts of entries by state, kept by the reactor as states change.
 #[derive(Default)]
-struct Counters {
-    apps: AtomicUsize,    // Registering + Registered
-    waiting: AtomicUsize, // AwaitingDialIn
-    pipes: AtomicUsize,   // Piping
-    buffers: AtomicUsize, // rings lent out by the pool
+struct Census {
+    apps: usize,    // Registering + Registered
+    waiting: usize, // AwaitingDialIn
+    pipes: usize,   // Piping
 }
 
-impl Counters {
-    fn counter(&self, conn: &Conn) -> Option<&AtomicUsize> {
+impl Census {
+    fn count(&mut self, conn: &Conn) -> Option<&mut usize> {
         match conn {
-            Conn::Registering(_) | Conn::Registered(_) => Some(&self.apps),
-            Conn::AwaitingDialIn(_) => Some(&self.waiting),
-            Conn::Piping(_) => Some(&self.pipes),
+            Conn::Registering(_) | Conn::Registered(_) => Some(&mut self.apps),
+            Conn::AwaitingDialIn(_) => Some(&mut self.waiting),
+            Conn::Piping(_) => Some(&mut self.pipes),
             Conn::Closed => None,
         }
     }
 
-    fn entered(&self, conn: &Conn) {
-        if let Some(c) = self.counter(conn) {
-            c.fetch_add(1, Ordering::Relaxed);
+    fn entered(&mut self, conn: &Conn) {
+        if let Some(n) = self.count(conn) {
+            *n += 1;
         }
     }
 
-    fn left(&self, conn: &Conn) {
-        if let Some(c) = self.counter(conn) {
-            c.fetch_sub(1, Ordering::Relaxed);
+    fn left(&mut self, conn: &Conn) {
+        if let Some(n) = self.count(conn) {
+            *n -= 1;
         }
     }
 }
 
 /// What the relay holds right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Registered apps (each with a control connection and two listeners).
     pub apps: usize,
@@ -96,7 +94,7 @@ impl Stats {
 #[derive(Clone)]
 pub struct RelayHandle {
     stopper: Stopper,
-    counters: Arc<Counters>,
+    published: Arc<Mutex<Stats>>,
     reg_addr: SocketAddr,
 }
 
@@ -107,14 +105,12 @@ impl RelayHandle {
         self.stopper.stop();
     }
 
-    /// Counts of what the relay holds, as of its last completed turn.
+    /// Counts of what the relay holds, as of its last completed turn (a
+    /// consistent snapshot: never half of a transition).
     pub fn stats(&self) -> Stats {
-        let c = &self.counters;
-        Stats {
-            apps: c.apps.load(Ordering::Relaxed),
-            waiting_clients: c.waiting.load(Ordering::Relaxed),
-            pipes: c.pipes.load(Ordering::Relaxed),
-            buffers_lent: c.buffers.load(Ordering::Relaxed),
+        match self.published.lock() {
+            Ok(stats) => *stats,
+            Err(poisoned) => *poisoned.into_inner(),
         }
     }
 
@@ -155,7 +151,8 @@ impl Relay {
             closing: Vec::new(),
             held_ports: BTreeSet::new(),
             next_id: 0,
-            counters: Arc::default(),
+            census: Census::default(),
+            published: Arc::default(),
         };
         Ok(Relay {
             poll,
@@ -173,7 +170,7 @@ impl Relay {
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             stopper: self.stopper.clone(),
-            counters: self.core.counters.clone(),
+            published: self.core.published.clone(),
             reg_addr: self.core.reg_addr,
         }
     }
@@ -251,7 +248,8 @@ struct Core {
     closing: Vec<(usize, Ending)>, // entries to reap at the end of the turn
     held_ports: BTreeSet<u16>,     // relayed ports apps hold now
     next_id: u64,                  // identity for the next waiting client
-    counters: Arc<Counters>,       // published counts
+    census: Census,                // entries by state
+    published: Arc<Mutex<Stats>>,  // the census as of the last turn, for other threads
 }
 
 impl Handler for Core {
@@ -276,13 +274,24 @@ impl Handler for Core {
         self.requeued.extend(self.gate.take_due(now));
         self.expire_waiting(now);
         self.reap();
-        self.counters
-            .buffers
-            .store(self.pool.lent(), Ordering::Relaxed);
+        self.publish();
     }
 }
 
 impl Core {
+    /// Copies the census to where [`RelayHandle::stats`] reads it.
+    fn publish(&self) {
+        let stats = Stats {
+            apps: self.census.apps,
+            waiting_clients: self.census.waiting,
+            pipes: self.census.pipes,
+            buffers_lent: self.pool.lent(),
+        };
+        if let Ok(mut published) = self.published.lock() {
+            *published = stats;
+        }
+    }
+
     /// Routes readiness (an event, or `None` for requeued work) to the
     /// handler for the entry's state. Tokens of vacant entries are stale and
     /// ignored.
@@ -409,7 +418,7 @@ impl Core {
         let mut app = App::new(control, peer, relayed, dial, ports);
         app.queue(&established_line(ports.0));
         let conn = entry.insert(Conn::Registering(app));
-        self.counters.entered(conn);
+        self.census.entered(conn);
         self.held_ports.insert(ports.0);
         log::info!(
             "app {peer} registered: relayed port {} open (dial-in port {})",
@@ -491,7 +500,7 @@ impl Core {
                 );
                 app.refusing = true;
             }
-            return;
+            return reset_on_close(&stream);
         }
         app.refusing = false;
         let (relayed_port, app_peer) = (app.relayed_port, app.peer);
@@ -512,7 +521,7 @@ impl Core {
             app: app_key,
             id: self.next_id,
         };
-        self.counters
+        self.census
             .entered(entry.insert(Conn::AwaitingDialIn(waiting)));
         self.timers
             .add(now + self.config.dial_in_timeout, key, self.next_id);
@@ -535,7 +544,7 @@ impl Core {
                 "dial-in from {peer} refused: app {} registered from another address",
                 app.peer
             );
-            return Endpoint::new(stream).abort_on_close();
+            return reset_on_close(&stream);
         }
         let Some(client) = app.waiting.pop_front() else {
             return log::debug!("dial-in from {peer} closed: no client is waiting");
@@ -590,16 +599,16 @@ impl Core {
     }
 
     /// Replaces an entry's state with `f(old)`, logging `A => B`. The one
-    /// place states change, so the counters cannot drift.
+    /// place states change, so the census cannot drift.
     fn transition(&mut self, key: usize, f: impl FnOnce(Conn) -> Conn) {
         let Some(slot) = self.conns.get_mut(key) else {
             return;
         };
         let old = std::mem::replace(slot, Conn::Closed);
-        self.counters.left(&old);
+        self.census.left(&old);
         let from = old.name();
         *slot = f(old);
-        self.counters.entered(slot);
+        self.census.entered(slot);
         log::trace!("#{key}: {from} => {}", slot.name());
     }
 
@@ -622,7 +631,7 @@ impl Core {
             let Some(conn) = self.conns.try_remove(key) else {
                 continue;
             };
-            self.counters.left(&conn);
+            self.census.left(&conn);
             log::trace!("#{key}: {} => closed", conn.name());
             match conn {
                 Conn::Registering(app) | Conn::Registered(app) => self.retire_app(app, ending),

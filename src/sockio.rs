@@ -90,6 +90,13 @@ pub fn read_slice(mut src: impl Read, buf: &mut [u8]) -> Io {
     }
 }
 
+/// Makes the coming close of `stream` send RST instead of FIN: for a peer
+/// that is refused, or whose stream was cut short, so that it sees an error
+/// rather than a clean end it could mistake for a complete (or empty) stream.
+pub fn reset_on_close(stream: &mio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
 /// Turns on what a long-lived, mostly silent control connection needs:
 /// `TCP_NODELAY` (a dial line must not wait for Nagle), and keepalive plus
 /// `TCP_USER_TIMEOUT` so a peer that vanished without a FIN (power loss, NAT
