@@ -101,6 +101,6 @@ pub mod ring;
 pub mod sockio;
 pub mod state;
 
-pub use app::{EchoApp, RunningEcho};
+pub use app::{Agent, AgentConfig, AgentError, EchoApp, RunningAgent, RunningEcho, Service};
 pub use config::{Config, RelayStyle};
 pub use relay::{Relay, RelayHandle, RunningRelay, Stats};

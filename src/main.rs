@@ -1,13 +1,13 @@
 //! The `tcp-relay` command: arguments, logger, then the library does the work.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use log::LevelFilter;
 use tcp_relay::config::parse_duration;
-use tcp_relay::{Config, EchoApp, Relay, RelayStyle};
+use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Service};
 
 /// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
 #[derive(Parser)]
@@ -32,6 +32,9 @@ enum Command {
     Serve(ServeArgs),
     /// Run the sample app: register with a relay and echo every client.
     Echo(EchoArgs),
+    /// Publish a local TCP service through a relay; prints the public
+    /// address (HOST:PORT) on stdout after each registration.
+    Expose(ExposeArgs),
 }
 
 #[derive(Args)]
@@ -57,6 +60,23 @@ struct EchoArgs {
     relay: String,
 }
 
+#[derive(Args)]
+struct ExposeArgs {
+    /// The relay's registration address.
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
+    relay: String,
+    /// The local service every client is piped to.
+    #[arg(long, value_name = "HOST:PORT")]
+    local: String,
+    /// Ask the relay for this relayed port (a protocol extension; refused
+    /// if taken).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    port: Option<u16>,
+    /// Exit (non-zero) when the relay goes away, instead of reconnecting.
+    #[arg(long)]
+    no_reconnect: bool,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = cli.log_level.unwrap_or(match (cli.verbose, cli.quiet) {
@@ -76,6 +96,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Echo(args) => echo(args),
+        Command::Expose(args) => expose(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -94,25 +115,52 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         dial_in_timeout: args.dial_in_timeout,
         ..Config::default()
     };
-    let relay = Relay::bind(config).map_err(|e| e.to_string())?;
+    let mut relay = Relay::bind(config).map_err(|e| e.to_string())?;
+    relay
+        .stop_on_signals()
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
     relay.run().map_err(|e| format!("relay failed: {e}"))
 }
 
 fn echo(args: EchoArgs) -> Result<(), String> {
-    let relay = resolve(&args.relay)?;
-    let app = EchoApp::connect(relay).map_err(|e| e.to_string())?;
-    log::info!(
-        "registered with relay {relay}: relayed port {}",
-        app.relayed_port()
-    );
-    app.run().map_err(|e| e.to_string())
+    run_agent(AgentConfig {
+        relay: args.relay,
+        service: Service::Echo,
+        port: None,
+        reconnect: false,
+    })
 }
 
-/// The first address `HOST:PORT` resolves to.
-fn resolve(host_port: &str) -> Result<SocketAddr, String> {
-    host_port
+fn expose(args: ExposeArgs) -> Result<(), String> {
+    let local = args
+        .local
         .to_socket_addrs()
-        .map_err(|e| format!("bad relay address {host_port:?}: {e}"))?
+        .map_err(|e| format!("bad local address {:?}: {e}", args.local))?
         .next()
-        .ok_or_else(|| format!("relay address {host_port:?} resolves to nothing"))
+        .ok_or_else(|| format!("local address {:?} resolves to nothing", args.local))?;
+    run_agent(AgentConfig {
+        relay: args.relay,
+        service: Service::Forward(local),
+        port: args.port,
+        reconnect: !args.no_reconnect,
+    })
+}
+
+/// Registers (failing at once if that fails), then serves until a signal or
+/// until the agent gives up. After every registration the public address
+/// goes to stdout, alone on its line, for scripts: the relay's host as the
+/// user wrote it, with the relayed port.
+fn run_agent(config: AgentConfig) -> Result<(), String> {
+    let host = config
+        .relay
+        .rsplit_once(':')
+        .map_or(config.relay.as_str(), |(h, _)| h)
+        .to_owned();
+    let mut agent = Agent::new(config).map_err(|e| e.to_string())?;
+    agent.on_registered(move |port| println!("{host}:{port}"));
+    agent
+        .stop_on_signals()
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    agent.register().map_err(|e| e.to_string())?;
+    agent.run().map_err(|e| e.to_string())
 }

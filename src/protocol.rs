@@ -7,6 +7,18 @@
 //! <DIAL_PORT>\n                             once per client: dial in to this port
 //! ```
 //!
+//! One extension, used only by apps that ask for it (so an app that does not
+//! gets exactly the original protocol), app to relay:
+//!
+//! ```text
+//! port <PORT>\n          please move my relayed port to PORT
+//! ```
+//!
+//! answered by the relay with either a fresh
+//! `established relay address port:<PORT>\n` (the old port is closed) or
+//! `error <REASON>\n`, after which the relay closes the control connection.
+//! The relay ignores app lines it does not know, as the original did.
+//!
 //! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
 //! reader tolerates a `\r` before it. Nothing here touches a socket, so the
 //! parser is tested (and fuzzable) on bytes alone.
@@ -30,6 +42,65 @@ pub fn established_line(port: u16) -> String {
 /// The line asking an app to dial in to `dial_port` for one waiting client.
 pub fn dial_line(dial_port: u16) -> String {
     format!("{dial_port}\n")
+}
+
+/// The extension line asking the relay for relayed port `port`.
+pub fn port_request_line(port: u16) -> String {
+    format!("port {port}\n")
+}
+
+/// The line refusing a request; `reason` is flattened to one line.
+pub fn error_line(reason: &str) -> String {
+    let flat: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    format!("{ERROR_PREFIX}{flat}\n")
+}
+
+/// Prefix of the relay's refusal line.
+pub const ERROR_PREFIX: &str = "error ";
+
+/// Prefix of the app's port request.
+const PORT_PREFIX: &str = "port ";
+
+/// A line an app sent to the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppLine {
+    /// `port <PORT>`: move my relayed port there.
+    Port(u16),
+    /// Anything else: ignored, as the original relay ignored everything.
+    Other,
+}
+
+/// Parses an app's line; only a malformed `port` request is an error.
+pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
+    match line.strip_prefix(PORT_PREFIX) {
+        Some(port) => parse_port(port).map(AppLine::Port),
+        None => Ok(AppLine::Other),
+    }
+}
+
+/// A line the relay sent to an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayLine {
+    /// `established relay address port:<PORT>`.
+    Established(u16),
+    /// `<DIAL_PORT>`: dial in for one client.
+    Dial(u16),
+    /// `error <REASON>`: a request was refused.
+    Error(String),
+}
+
+/// Parses a relay's line (without `\n`).
+pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
+    if let Some(reason) = line.strip_prefix(ERROR_PREFIX) {
+        return Ok(RelayLine::Error(truncated(reason)));
+    }
+    if line.starts_with(ESTABLISHED_PREFIX) {
+        return parse_established(line).map(RelayLine::Established);
+    }
+    parse_dial(line).map(RelayLine::Dial)
 }
 
 /// A control line that does not parse.
@@ -177,6 +248,34 @@ mod tests {
             parse_established("established relay address port:"),
             Err(ProtocolError::BadPort(_))
         ));
+    }
+
+    #[test]
+    fn port_requests_parse_and_other_lines_are_ignored() {
+        assert_eq!(port_request_line(9000), "port 9000\n");
+        assert_eq!(parse_app_line("port 9000"), Ok(AppLine::Port(9000)));
+        assert!(parse_app_line("port 0").is_err());
+        assert!(parse_app_line("port 70000").is_err());
+        assert_eq!(parse_app_line("hello"), Ok(AppLine::Other));
+        assert_eq!(parse_app_line(""), Ok(AppLine::Other));
+    }
+
+    #[test]
+    fn relay_lines_parse_into_their_kinds() {
+        let est = established_line(8081);
+        assert_eq!(
+            parse_relay_line(est.trim_end()),
+            Ok(RelayLine::Established(8081))
+        );
+        assert_eq!(parse_relay_line("40000"), Ok(RelayLine::Dial(40000)));
+        let err = error_line("port 22 is taken\nsecond line");
+        assert_eq!(err.matches('\n').count(), 1, "an error line is one line");
+        assert_eq!(
+            parse_relay_line(err.trim_end()),
+            Ok(RelayLine::Error("port 22 is taken second line".into()))
+        );
+        assert!(parse_relay_line("established relay address port:x").is_err());
+        assert!(parse_relay_line("garbage").is_err());
     }
 
     #[test]

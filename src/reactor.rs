@@ -1,5 +1,5 @@
-//! The event loop shared by the relay and the sample app: poll, dispatch,
-//! then timers, requeued work and deferred closes; plus the token scheme,
+//! The event loop shared by the relay and the app side: poll, dispatch,
+//! then requeued work, timers and deferred closes; plus the token scheme,
 //! the timer heap, listener accept with back-off, and the stop handle.
 //!
 //! One turn of the loop, as in redis's `ae.c`:
@@ -22,10 +22,17 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Events, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Registry, Token, Waker};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 
 /// Wakes the loop from another thread (stop requests).
 pub const WAKER: Token = Token(usize::MAX);
+/// SIGINT/SIGTERM arrived (see [`Reactor::stop_on_signals`]).
+pub const SIGNALS: Token = Token(usize::MAX - 1);
+/// The fixed token a user of the reactor may give its own main socket (the
+/// relay's registration listener, the agent's control connection).
+pub const MAIN: Token = Token(usize::MAX - 2);
 
 /// Sub-token bits: a slab entry may own up to four sockets (an app owns its
 /// control connection and two listeners; a client entry, two streams).
@@ -55,26 +62,107 @@ pub trait Handler {
     fn end_turn(&mut self, now: Instant);
 }
 
-/// Runs `handler` on `poll` until `stop` is raised. Returns only on a stop
-/// or if `poll` itself fails (which means the process is in trouble).
-pub fn run(poll: &mut Poll, handler: &mut impl Handler, stop: &AtomicBool) -> io::Result<()> {
-    let mut events = Events::with_capacity(1024);
-    loop {
-        let timeout = handler.poll_timeout(Instant::now());
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+/// A poll, its stop handle and, if asked for, SIGINT/SIGTERM delivery.
+pub struct Reactor {
+    poll: Poll,               // the one poll of this loop
+    events: Events,           // reused event buffer
+    stopper: Stopper,         // stop requests from other threads
+    signals: Option<Signals>, // SIGINT/SIGTERM, when the loop owns the process
+}
+
+impl Reactor {
+    /// A new poll with its waker.
+    pub fn new() -> io::Result<Reactor> {
+        let poll = Poll::new()?;
+        let stopper = Stopper::new(&poll)?;
+        Ok(Reactor {
+            poll,
+            events: Events::with_capacity(1024),
+            stopper,
+            signals: None,
+        })
+    }
+
+    /// Where sockets are registered.
+    pub fn registry(&self) -> &Registry {
+        self.poll.registry()
+    }
+
+    /// A handle that stops the loop from any thread.
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Makes SIGINT and SIGTERM stop the loop, through the poll itself (a
+    /// self-pipe registered as [`SIGNALS`]): no thread, and no signal lost in
+    /// the instant before `poll` blocks.
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        let mut signals = Signals::new([SIGINT, SIGTERM])?;
+        self.poll
+            .registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
+        self.signals = Some(signals);
+        Ok(())
+    }
+
+    /// Runs `handler` until stopped (by the stopper or a signal). Fails only
+    /// if `poll` itself fails, which means the process is in trouble.
+    pub fn run(&mut self, handler: &mut impl Handler) -> io::Result<()> {
+        self.run_while(handler, |_| true).map(|_| ())
+    }
+
+    /// Runs turns while `go_on(handler)` holds after each; returns whether
+    /// the loop was stopped (rather than `go_on` turning false).
+    pub fn run_while<H: Handler>(
+        &mut self,
+        handler: &mut H,
+        mut go_on: impl FnMut(&H) -> bool,
+    ) -> io::Result<bool> {
+        loop {
+            if self.turn(handler)? {
+                return Ok(true);
             }
-            return Err(e);
+            if !go_on(handler) {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// One turn; returns whether a stop was requested.
+    fn turn(&mut self, handler: &mut impl Handler) -> io::Result<bool> {
+        let timeout = handler.poll_timeout(Instant::now());
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                return Ok(self.stopper.is_stopped());
+            }
+            other => other?,
         }
         let now = Instant::now();
-        for event in events.iter().filter(|e| e.token() != WAKER) {
-            handler.on_event(event, now);
+        for event in self.events.iter() {
+            match event.token() {
+                WAKER => {}
+                SIGNALS => take_signals(self.signals.as_mut(), &self.stopper),
+                _ => handler.on_event(event, now),
+            }
         }
-        if stop.load(Ordering::Acquire) {
-            return Ok(());
+        if self.stopper.is_stopped() {
+            return Ok(true);
         }
         handler.end_turn(now);
+        Ok(false)
+    }
+}
+
+/// Turns pending SIGINT/SIGTERM into a stop request.
+fn take_signals(signals: Option<&mut Signals>, stopper: &Stopper) {
+    for signal in signals.into_iter().flat_map(|s| s.pending()) {
+        let name = if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        log::info!("{name} received: stopping");
+        stopper.flag.store(true, Ordering::Release);
     }
 }
 
@@ -101,9 +189,9 @@ impl Stopper {
         let _ = self.waker.wake();
     }
 
-    /// The flag [`run`] watches.
-    pub fn flag(&self) -> &AtomicBool {
-        &self.flag
+    /// Whether a stop was asked for.
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
     }
 }
 

@@ -10,21 +10,21 @@ use std::time::{Duration, Instant};
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
-use mio::{Interest, Poll, Registry, Token};
+use mio::{Interest, Registry, Token};
 use slab::Slab;
 
 use crate::config::{Config, RelayStyle};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe, Side};
 use crate::pool::BufferPool;
-use crate::protocol::{dial_line, established_line};
+use crate::protocol::{ProtocolError, dial_line, error_line, established_line};
 use crate::reactor::{
-    self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Stopper, Timers, split, token,
+    self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Reactor, Stopper, Timers, split, token,
 };
 use crate::sockio::{keep_alive, reset_on_close};
 use crate::state::{App, Conn, Ending, Waiting};
 
 /// The registration listener's token (fixed; connection tokens are slab keys).
-const REG_LISTENER: Token = Token(usize::MAX - 1);
+const REG_LISTENER: Token = reactor::MAIN;
 
 /// Sockets of an app entry, by sub-token.
 const CONTROL: usize = 0;
@@ -122,24 +122,23 @@ impl RelayHandle {
 
 /// A bound relay, ready to [`run`](Relay::run).
 pub struct Relay {
-    poll: Poll,
-    stopper: Stopper,
-    core: Core,
+    reactor: Reactor, // the poll this relay runs on
+    core: Core,       // everything the handler owns
 }
 
 impl Relay {
     /// Binds the registration port. Fails with a message naming the address.
     pub fn bind(config: Config) -> io::Result<Relay> {
-        let poll = Poll::new()?;
+        let reactor = Reactor::new()?;
         let addr = SocketAddr::new(config.bind, config.reg_port);
         let mut reg = TcpListener::bind(addr)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-        poll.registry()
+        reactor
+            .registry()
             .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
         let reg_addr = reg.local_addr()?;
-        let stopper = Stopper::new(&poll)?;
         let core = Core {
-            registry: poll.registry().try_clone()?,
+            registry: reactor.registry().try_clone()?,
             pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE),
             config,
             reg,
@@ -154,11 +153,7 @@ impl Relay {
             census: Census::default(),
             published: Arc::default(),
         };
-        Ok(Relay {
-            poll,
-            stopper,
-            core,
-        })
+        Ok(Relay { reactor, core })
     }
 
     /// The registration address (with the real port when bound to port 0).
@@ -169,13 +164,19 @@ impl Relay {
     /// A handle to stop and observe the relay from another thread.
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
-            stopper: self.stopper.clone(),
+            stopper: self.reactor.stopper(),
             published: self.core.published.clone(),
             reg_addr: self.core.reg_addr,
         }
     }
 
-    /// Runs the reactor on this thread until [`RelayHandle::stop`].
+    /// Makes SIGINT and SIGTERM stop the relay (for the command line).
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        self.reactor.stop_on_signals()
+    }
+
+    /// Runs the reactor on this thread until [`RelayHandle::stop`] (or a
+    /// signal, after [`Relay::stop_on_signals`]).
     pub fn run(mut self) -> io::Result<()> {
         log::info!(
             "listening for apps on {} (relay style {}, dial-in timeout {:?})",
@@ -183,7 +184,7 @@ impl Relay {
             self.core.config.relay_style,
             self.core.config.dial_in_timeout
         );
-        reactor::run(&mut self.poll, &mut self.core, self.stopper.flag())?;
+        self.reactor.run(&mut self.core)?;
         log::info!("relay stopped");
         Ok(())
     }
@@ -460,10 +461,18 @@ impl Core {
         let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
             return;
         };
-        let result = app
-            .read_control()
-            .and_then(|flow| app.flush().map(|()| flow));
+        let read = app.read_control();
+        if let Some(request) = app.request.take() {
+            self.answer_port_request(key, request);
+        }
+        let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
+            return;
+        };
+        let result = read.and_then(|flow| app.flush().map(|()| flow));
         let flushed = app.flushed();
+        if flushed && app.refused {
+            return self.close(key, Ending::Refused);
+        }
         match result {
             Ok(Flow::More) => self.requeued.push(token(key, CONTROL)),
             Ok(_) => {}
@@ -474,6 +483,56 @@ impl Core {
                 Conn::Registering(app) => Conn::Registered(app),
                 other => other,
             });
+        }
+    }
+
+    /// The `port` extension: move the app's relayed port to the one it asked
+    /// for, or tell it why not (then it is closed). Its dial-in listener and
+    /// waiting clients stay as they are.
+    fn answer_port_request(&mut self, key: usize, request: Result<u16, ProtocolError>) {
+        let port = match request {
+            Ok(port) => port,
+            Err(e) => return self.refuse(key, &format!("bad port request: {e}")),
+        };
+        let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
+            return;
+        };
+        let old = app.relayed_port;
+        if port == old {
+            return app.queue(&established_line(port));
+        }
+        if self.held_ports.contains(&port) || port == self.reg_addr.port() {
+            return self.refuse(key, &format!("port {port} is taken"));
+        }
+        let mut relayed = match TcpListener::bind(SocketAddr::new(self.config.bind, port)) {
+            Ok(listener) => listener,
+            Err(e) => return self.refuse(key, &format!("port {port} is unavailable: {e}")),
+        };
+        if let Err(e) =
+            self.registry
+                .register(&mut relayed, token(key, RELAYED), Interest::READABLE)
+        {
+            return self.refuse(key, &format!("port {port} is unavailable: {e}"));
+        }
+        let _ = self.registry.deregister(&mut app.relayed);
+        app.relayed = relayed; // the old listener closes here
+        app.relayed_port = port;
+        app.queue(&established_line(port));
+        self.held_ports.remove(&old);
+        self.held_ports.insert(port);
+        log::info!(
+            "app {} moved to relayed port {port} at its request; port {old} closed",
+            app.peer
+        );
+    }
+
+    /// Answers an app's request with an error line; the app is closed once
+    /// the line is written.
+    fn refuse(&mut self, key: usize, reason: &str) {
+        if let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) {
+            log::warn!("app {}: request refused: {reason}", app.peer);
+            app.queue(&error_line(reason));
+            app.refused = true;
         }
     }
 

@@ -25,7 +25,7 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
 use crate::pipe::{Endpoint, Flow, Pipe};
-use crate::protocol::{LineReader, ProtocolError};
+use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
 use crate::sockio::{Io, read_slice, write_slice};
 
 /// Most control bytes queued toward one app. A dial line is at most six
@@ -84,6 +84,8 @@ pub struct App {
     pub dial_port: u16,           // its number, sent in every dial line
     pub waiting: VecDeque<usize>, // keys of clients awaiting a dial-in, oldest first
     pub refusing: bool,           // clients are being refused (logged once per episode)
+    pub request: Option<Result<u16, ProtocolError>>, // a `port` request not yet answered
+    pub refused: bool,            // a request was refused: close once the outbox is out
     readable: bool,               // control read half ready (software readiness)
     writable: bool,               // control write half ready
     lines: LineReader,            // frames what the app sends
@@ -109,6 +111,8 @@ impl App {
             dial_port: ports.1,
             waiting: VecDeque::new(),
             refusing: false,
+            request: None,
+            refused: false,
             readable: true,
             writable: true,
             lines: LineReader::new(),
@@ -154,8 +158,9 @@ impl App {
     }
 
     /// Reads what the app sent. The original protocol has no app-to-relay
-    /// lines, so complete lines are counted and ignored (logged once); a line
-    /// past the length bound ends the app. EOF or reset ends it too.
+    /// lines; a `port` request (the one extension) is kept in `request`,
+    /// other lines are counted and ignored (logged once). A line past the
+    /// length bound ends the app; so do EOF and reset.
     pub fn read_control(&mut self) -> Result<Flow, Ending> {
         let mut buf = [0u8; 512];
         for _ in 0..CONTROL_READ_BUDGET {
@@ -176,14 +181,22 @@ impl App {
         })
     }
 
+    /// Frames what the app sent: a `port` request is kept for the relay to
+    /// answer (the last one wins); other lines are counted and ignored.
     fn take_lines(&mut self, data: &[u8]) -> Result<(), Ending> {
-        let (peer, ignored) = (self.peer, &mut self.ignored_lines);
+        let (peer, ignored, request) = (self.peer, &mut self.ignored_lines, &mut self.request);
         self.lines
-            .feed(data, |line| {
-                if *ignored == 0 {
-                    log::info!("app {peer} sent {line:.64?}; ignored (the protocol has no app-to-relay lines)");
+            .feed(data, |line| match parse_app_line(line) {
+                Ok(AppLine::Port(port)) => *request = Some(Ok(port)),
+                Err(e) => *request = Some(Err(e)),
+                Ok(AppLine::Other) => {
+                    if *ignored == 0 {
+                        log::info!(
+                            "app {peer} sent {line:.64?}; ignored (not a line this relay knows)"
+                        );
+                    }
+                    *ignored += 1;
                 }
-                *ignored += 1;
             })
             .map_err(Ending::Protocol)
     }
@@ -222,6 +235,8 @@ pub enum Ending {
     TimedOut,
     /// The client's app closed before a dial-in came.
     AppGone,
+    /// The app's request was refused (it was told why).
+    Refused,
 }
 
 impl Ending {
@@ -241,6 +256,7 @@ impl fmt::Display for Ending {
             Ending::Protocol(e) => write!(f, "protocol error: {e}"),
             Ending::TimedOut => f.write_str("no dial-in in time"),
             Ending::AppGone => f.write_str("its app went away"),
+            Ending::Refused => f.write_str("its request was refused"),
         }
     }
 }
