@@ -122,7 +122,6 @@ impl Agent {
         let reactor = Reactor::new()?;
         let core = Core {
             registry: reactor.registry().try_clone()?,
-            stopper: reactor.stopper(),
             config,
             control: Control::Waiting(Instant::now()),
             attempts: 0,
@@ -326,7 +325,6 @@ enum Conn {
 /// The agent's state, driven by the reactor.
 struct Core {
     registry: Registry,          // registers sockets as they are made
-    stopper: Stopper,            // stops our own loop when we give up
     config: AgentConfig,         // what the user asked for
     control: Control,            // the control connection's phase
     attempts: u32,               // failed (re)connects in a row, for back-off
@@ -584,8 +582,9 @@ impl Core {
     fn give_up(&mut self, failure: AgentError) {
         log::debug!("giving up: {failure}");
         self.control = Control::Failed;
+        // The loop checks `failure` after each turn and ends; the stopper
+        // is not used, so that a failure is not mistaken for a stop request.
         self.failure = Some(failure);
-        self.stopper.stop();
     }
 
     /// Starts the connects for one client: the dial-in and, when forwarding,

@@ -1,0 +1,460 @@
+//! End-to-end tests of the app side: `tcp-relay expose` (the [`Agent`]
+//! forwarding to a local service), the `port` extension, reconnecting, and
+//! the blocking [`RelayedApp`] API with its example.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::thread;
+
+use common::*;
+use tcp_relay::{Agent, AgentConfig, AgentError, Config, Relay, RelayedApp, RunningAgent, Service};
+
+/// A local TCP service on 127.0.0.1:0, a thread per connection, serving
+/// each with `service`. Its threads end with the test binary.
+fn local_service(service: fn(TcpStream)) -> SocketAddr {
+    let listener = TcpListener::bind((LOCALHOST, 0)).expect("bind the local service");
+    let addr = listener.local_addr().expect("local service address");
+    thread::spawn(move || serve_on(listener, service));
+    addr
+}
+
+fn serve_on(listener: TcpListener, service: fn(TcpStream)) {
+    for stream in listener.incoming().flatten() {
+        let stream = with_timeouts(stream);
+        thread::spawn(move || service(stream));
+    }
+}
+
+/// A port on 127.0.0.1 that nothing listens on right now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind((LOCALHOST, 0)).expect("bind a probe listener");
+    listener.local_addr().expect("probe address").port()
+}
+
+/// An HTTP/1.0-style responder: reads the request head, answers with the
+/// request line echoed in the body, then ends the stream.
+fn http_responder(mut stream: TcpStream) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let first = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let body = format!("you asked for {first}\n");
+    let response = format!(
+        "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes());
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
+    AgentConfig {
+        relay: relay.to_string(),
+        service: Service::Forward(local),
+        port: None,
+        reconnect: true,
+    }
+}
+
+/// Registers an agent and runs it on its own thread.
+fn start_agent(config: AgentConfig) -> RunningAgent {
+    let mut agent = Agent::new(config).expect("create the agent");
+    agent.register().expect("register the agent");
+    agent.spawn().expect("spawn the agent")
+}
+
+/// The `tcp-relay` binary with `args`, stdout piped, stderr captured.
+fn cli(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tcp-relay")
+}
+
+/// Lines of a child's stdout, delivered on a channel (so reading has a
+/// deadline).
+fn stdout_lines(stdout: ChildStdout) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn next_line(lines: &Receiver<String>, what: &str) -> String {
+    lines
+        .recv_timeout(WAIT)
+        .unwrap_or_else(|e| panic!("no {what} on stdout within {WAIT:?}: {e}"))
+}
+
+/// Kills the child if a test fails before it ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `expose` prints exactly `<relay-host>:<port>` on stdout, and an HTTP
+/// request through that address reaches the local server and gets its reply.
+#[test]
+fn expose_cli_prints_the_public_address_and_serves_http() {
+    let relay = start_relay();
+    let service = local_service(http_responder);
+    let relay_arg = relay.reg_addr().to_string();
+    let local_arg = service.to_string();
+    let mut child = Reaped(cli(&[
+        "expose", "--relay", &relay_arg, "--local", &local_arg, "-q",
+    ]));
+    let lines = stdout_lines(child.0.stdout.take().expect("piped stdout"));
+    let public = next_line(&lines, "public address");
+    let port: u16 = public
+        .strip_prefix("127.0.0.1:")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("stdout line {public:?} is not 127.0.0.1:<port>"));
+    let reply = exchange(local(port), b"GET /hello HTTP/1.0\r\nHost: x\r\n\r\n");
+    let text = String::from_utf8(reply).expect("utf-8 reply");
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "reply: {text:?}");
+    assert!(
+        text.ends_with("you asked for GET /hello HTTP/1.0\n"),
+        "reply: {text:?}"
+    );
+    assert_no_leftovers(&relay);
+}
+
+/// One agent carries 100 concurrent clients, each byte-exact.
+#[test]
+fn a_hundred_concurrent_clients_through_one_agent() {
+    let relay = start_relay();
+    let service = local_service(echo);
+    let agent = start_agent(agent_config(relay.reg_addr(), service));
+    let public = local(agent.relayed_port());
+    let clients: Vec<_> = (0..100u64)
+        .map(|i| {
+            thread::spawn(move || {
+                let request = Pattern::new(i).bytes(0, 20_000 + i as usize * 97);
+                let reply = exchange(public, &request);
+                assert!(reply == request, "client {i}: reply differs from request");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client thread panicked");
+    }
+    assert_no_leftovers(&relay);
+}
+
+/// Half-close through the tunnel: the client ends its request and still
+/// gets the whole (large) reply, which the local service sends only after
+/// it saw the request's end.
+#[test]
+fn half_close_carries_through_the_tunnel() {
+    fn reply_after_eof(mut stream: TcpStream) {
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).expect("read the request");
+        let reply = Pattern::new(request.len() as u64).bytes(0, 3 * 1024 * 1024);
+        stream.write_all(&reply).expect("send the reply");
+        stream.shutdown(Shutdown::Write).expect("end the reply");
+    }
+    let relay = start_relay();
+    let agent = start_agent(agent_config(
+        relay.reg_addr(),
+        local_service(reply_after_eof),
+    ));
+    let reply = exchange(local(agent.relayed_port()), b"twelve bytes");
+    assert!(
+        reply == Pattern::new(12).bytes(0, 3 * 1024 * 1024),
+        "reply differs"
+    );
+    assert_no_leftovers(&relay);
+}
+
+/// While the local service is down its clients are closed without a byte;
+/// the agent keeps running, and serves again once the service is back.
+#[test]
+fn local_service_down_then_up_again() {
+    let relay = start_relay();
+    let port = free_port();
+    let agent = start_agent(agent_config(relay.reg_addr(), local(port)));
+    let public = local(agent.relayed_port());
+    for _ in 0..3 {
+        assert_turned_away(try_connect(public), "a client of a dead service");
+    }
+    assert!(!agent.is_finished(), "the agent keeps running");
+    let listener = TcpListener::bind((LOCALHOST, port)).expect("bring the local service up");
+    thread::spawn(move || serve_on(listener, echo));
+    assert_eq!(exchange(public, b"back again"), b"back again");
+    assert_no_leftovers(&relay);
+}
+
+/// A relay restarted on the same port under a running agent: the agent
+/// re-registers by itself and serves again.
+#[test]
+fn agent_re_registers_after_a_relay_restart() {
+    let first = start_relay();
+    let reg = first.reg_addr();
+    let agent = start_agent(agent_config(reg, local_service(echo)));
+    assert_eq!(exchange(local(agent.relayed_port()), b"before"), b"before");
+    drop(first);
+    let config = Config {
+        bind: LOCALHOST,
+        reg_port: reg.port(),
+        ..Config::default()
+    };
+    let second = Relay::bind(config)
+        .expect("restart the relay on its port")
+        .spawn()
+        .expect("spawn");
+    wait_for_stats(&second, "the agent to re-register", |s| s.apps == 1);
+    wait_until("the agent to learn its new port", || {
+        agent.relayed_port() != 0
+    });
+    assert_eq!(exchange(local(agent.relayed_port()), b"after"), b"after");
+    assert_no_leftovers(&second);
+}
+
+/// `--no-reconnect`: when the relay goes away, `expose` exits non-zero and
+/// says why.
+#[test]
+fn no_reconnect_exits_non_zero_when_the_relay_goes() {
+    let relay = start_relay();
+    let relay_arg = relay.reg_addr().to_string();
+    let local_arg = local_service(echo).to_string();
+    let args = [
+        "expose",
+        "--relay",
+        &relay_arg,
+        "--local",
+        &local_arg,
+        "--no-reconnect",
+    ];
+    let mut child = Reaped(cli(&args));
+    let lines = stdout_lines(child.0.stdout.take().expect("piped stdout"));
+    next_line(&lines, "public address");
+    drop(relay);
+    let status = child.0.wait().expect("wait for expose");
+    assert!(
+        !status.success(),
+        "expose must fail when the relay goes: {status}"
+    );
+    let mut stderr = String::new();
+    let _ = child
+        .0
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr);
+    assert!(
+        stderr.contains("relay closed the control connection"),
+        "stderr: {stderr}"
+    );
+}
+
+/// SIGTERM makes `expose` exit cleanly (status 0).
+#[test]
+fn sigterm_stops_expose_cleanly() {
+    let relay = start_relay();
+    let relay_arg = relay.reg_addr().to_string();
+    let local_arg = local_service(echo).to_string();
+    let mut child = Reaped(cli(&[
+        "expose", "--relay", &relay_arg, "--local", &local_arg,
+    ]));
+    let lines = stdout_lines(child.0.stdout.take().expect("piped stdout"));
+    next_line(&lines, "public address");
+    let pid = child.0.id().to_string();
+    let kill = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("run kill");
+    assert!(kill.success());
+    let status = child.0.wait().expect("wait for expose");
+    assert!(
+        status.success(),
+        "SIGTERM must end expose with status 0: {status}"
+    );
+    wait_for_stats(&relay, "the agent's registration to end", |s| s.apps == 0);
+}
+
+/// `--port N`: granted when free (the old relayed port is given up), and
+/// refused with the relay's reason when taken, by the library and the CLI.
+#[test]
+fn requested_port_is_granted_or_refused() {
+    let relay = start_relay();
+    let local_addr = local_service(echo);
+    let wanted = free_port();
+    let agent = start_agent(AgentConfig {
+        port: Some(wanted),
+        ..agent_config(relay.reg_addr(), local_addr)
+    });
+    assert_eq!(agent.relayed_port(), wanted);
+    assert_eq!(exchange(local(wanted), b"on my port"), b"on my port");
+    wait_for_stats(&relay, "one app", |s| s.apps == 1);
+
+    let mut second = Agent::new(AgentConfig {
+        port: Some(wanted),
+        ..agent_config(relay.reg_addr(), local_addr)
+    })
+    .expect("create the second agent");
+    match second.register() {
+        Err(AgentError::Refused(reason)) => {
+            assert!(
+                reason.contains(&format!("port {wanted} is taken")),
+                "reason: {reason}"
+            );
+        }
+        other => panic!(
+            "a taken port must be refused, got {:?}",
+            other.map_err(|e| e.to_string())
+        ),
+    }
+
+    let relay_arg = relay.reg_addr().to_string();
+    let local_arg = local_addr.to_string();
+    let port_arg = wanted.to_string();
+    let args = [
+        "expose", "--relay", &relay_arg, "--local", &local_arg, "--port", &port_arg,
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run expose");
+    assert!(
+        !output.status.success(),
+        "a refused --port must exit non-zero"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("port {wanted} is taken")),
+        "stderr: {stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "no address line for a refused port"
+    );
+    wait_for_stats(&relay, "refused apps to be closed", |s| s.apps == 1);
+    assert_eq!(exchange(local(wanted), b"still mine"), b"still mine");
+}
+
+/// An app of the original protocol never sends a line; one that does
+/// `port` gets the extension, one that does not gets exactly the original
+/// established line and nothing more.
+#[test]
+fn an_app_that_does_not_ask_gets_the_original_protocol() {
+    let relay = start_relay();
+    let app = TestApp::register(relay.reg_addr());
+    assert!(app.relayed_port > relay.reg_addr().port());
+    app.assert_no_dial_line();
+    let _client = connect(app.relayed_addr());
+    let _dial_in = app.dial_in();
+}
+
+/// The blocking library API: streams taken from `incoming()` are ordinary
+/// `TcpStream`s piped to the relay's clients.
+#[test]
+fn relayed_app_yields_plain_tcp_streams() {
+    let relay = start_relay();
+    let app = RelayedApp::register(relay.reg_addr()).expect("register");
+    let public = app.public_addr();
+    assert_eq!(public.ip(), LOCALHOST);
+    let server = thread::spawn(move || {
+        for stream in app.incoming().take(5) {
+            let stream = with_timeouts(stream.expect("a client's stream"));
+            thread::spawn(move || echo_upper(stream));
+        }
+    });
+    for i in 0..5 {
+        let message = format!("client {i} says hi");
+        assert_eq!(
+            exchange(public, message.as_bytes()),
+            message.to_uppercase().as_bytes()
+        );
+    }
+    server.join().expect("the serving thread panicked");
+    assert_no_leftovers(&relay);
+}
+
+/// `RelayedApp::register_on_port` gets the port asked for, and a taken port
+/// is refused with the relay's reason.
+#[test]
+fn relayed_app_on_a_requested_port() {
+    let relay = start_relay();
+    let wanted = free_port();
+    let app = RelayedApp::register_on_port(relay.reg_addr(), wanted).expect("register");
+    assert_eq!(app.relayed_port(), wanted);
+    let err = match RelayedApp::register_on_port(relay.reg_addr(), wanted) {
+        Ok(_) => panic!("a taken port must be refused"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("is taken"), "error: {err}");
+}
+
+/// The `http_hello` example (built by `cargo test`) serves a request through
+/// a relay and exits after the number of requests it was given.
+#[test]
+fn http_hello_example_runs_through_a_relay() {
+    let relay = start_relay();
+    let exe = std::env::current_exe().expect("test binary path");
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("examples").join("http_hello"))
+        .expect("target directory");
+    let relay_arg = relay.reg_addr().to_string();
+    let mut child = Reaped(
+        Command::new(&example)
+            .args([relay_arg.as_str(), "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {}: {e} (plain `cargo test` builds the examples; \
+                     a filtered run needs `cargo build --examples` first)",
+                    example.display()
+                )
+            }),
+    );
+    let lines = stdout_lines(child.0.stdout.take().expect("piped stdout"));
+    let url = next_line(&lines, "the example's URL");
+    let addr: SocketAddr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix('/'))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("bad URL line {url:?}"));
+    let reply = exchange(addr, b"GET / HTTP/1.1\r\nHost: relay\r\n\r\n");
+    let text = String::from_utf8(reply).expect("utf-8 reply");
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "reply: {text:?}");
+    assert!(
+        text.ends_with("hello from behind the relay\n"),
+        "reply: {text:?}"
+    );
+    let status = child.0.wait().expect("wait for the example");
+    assert!(
+        status.success(),
+        "the example must exit 0 after its one request"
+    );
+}
