@@ -31,9 +31,13 @@ use mio::net::TcpStream;
 use mio::{Interest, Registry, Token};
 use slab::Slab;
 
+use crate::auth::{self, DialToken};
+use crate::config::Secret;
 use crate::pipe::{Broken, Echo, Endpoint, Flow, Pipe};
 use crate::pool::BufferPool;
-use crate::protocol::{LineReader, RelayLine, parse_relay_line, port_request_line};
+use crate::protocol::{
+    LineReader, RelayLine, auth_line, parse_relay_line, port_request_line, token_line,
+};
 use crate::reactor::{self, Handler, Reactor, Stopper, split, token};
 use crate::sockio::{Io, keep_alive, read_slice, reset_on_close, write_slice};
 
@@ -75,6 +79,8 @@ pub struct AgentConfig {
     pub service: Service,
     /// Ask the relay for this relayed port (the `port` extension).
     pub port: Option<u16>,
+    /// The relay's shared secret, for a relay that asks for it.
+    pub secret: Option<Secret>,
     /// Reconnect when the relay goes away (otherwise the agent stops with
     /// an error).
     pub reconnect: bool,
@@ -247,6 +253,7 @@ impl EchoApp {
             relay: relay.to_string(),
             service: Service::Echo,
             port: None,
+            secret: None,
             reconnect: false,
         })?;
         let relayed_port = agent.register()?;
@@ -304,6 +311,7 @@ struct Link {
     relay: SocketAddr,  // its address; dial-ins go to the same IP
     lines: LineReader,  // frames the relay's lines
     established: usize, // established lines seen on this connection
+    greeted: bool,      // we answered the relay's first line
 }
 
 /// A client's connections on the agent side.
@@ -312,7 +320,8 @@ enum Conn {
     Dialing {
         dial_in: TcpStream,
         local: Option<TcpStream>,
-        connected: [bool; 2], // by sub-token: dial-in, local
+        connected: [bool; 2],     // by sub-token: dial-in, local
+        token: Option<DialToken>, // to present first on the dial-in (with a secret)
     },
     /// A dial-in being echoed.
     Echoing(Echo),
@@ -472,7 +481,8 @@ impl Core {
         }
     }
 
-    /// Connecting => Registering; sends the `port` request if we have one.
+    /// Connecting => Registering. We speak only after the relay's first
+    /// line, which tells whether it wants the secret proved first.
     fn connected(&mut self, now: Instant) {
         let Control::Connecting(stream, _) = std::mem::replace(&mut self.control, Control::Failed)
         else {
@@ -483,19 +493,12 @@ impl Core {
             Ok(addr) => addr,
             Err(e) => return self.lost(now, format!("cannot reach relay: {e}")),
         };
-        if let Some(port) = self.config.port {
-            // A dozen bytes on a fresh connection: the send buffer is empty,
-            // so anything short of a full write means the connection is bad.
-            let line = port_request_line(port);
-            if !matches!(write_slice(&stream, line.as_bytes()), Io::Moved(n) if n == line.len()) {
-                return self.lost(now, "cannot send the port request".into());
-            }
-        }
         let link = Link {
             stream,
             relay,
             lines: LineReader::new(),
             established: 0,
+            greeted: false,
         };
         self.control = Control::Registering(link, now + REGISTER_TIMEOUT);
     }
@@ -513,11 +516,46 @@ impl Core {
         }
         for line in lines {
             match line {
-                Ok(RelayLine::Dial(port)) => self.dial(port),
-                Ok(RelayLine::Established(port)) => self.established(port),
+                Ok(RelayLine::Dial(port, token)) => self.dial(port, token),
+                Ok(RelayLine::Challenge(nonce)) => self.greet(Some(&nonce), now),
+                Ok(RelayLine::Established(port)) => {
+                    self.greet(None, now);
+                    self.established(port);
+                }
                 Ok(RelayLine::Error(reason)) => return self.give_up(AgentError::Refused(reason)),
                 Err(e) => log::warn!("relay sent a line we do not understand ({e}); ignored"),
             }
+        }
+    }
+
+    /// Answers the relay's first line: the challenge (if it sent one) and
+    /// our `port` request (if we have one), in one write. A few dozen bytes
+    /// on a fresh connection: the send buffer is empty, so anything short of
+    /// a full write means the connection is bad.
+    fn greet(&mut self, nonce: Option<&[u8]>, now: Instant) {
+        let Control::Registering(link, _) = &mut self.control else {
+            return;
+        };
+        if std::mem::replace(&mut link.greeted, true) {
+            return;
+        }
+        let mut lines = String::new();
+        if let Some(nonce) = nonce {
+            let Some(secret) = &self.config.secret else {
+                let needed = "the relay requires a secret (--secret or TCP_RELAY_SECRET)";
+                return self.give_up(AgentError::Refused(needed.into()));
+            };
+            lines += &auth_line(&auth::response(&secret.0, nonce));
+        }
+        if let Some(port) = self.config.port {
+            lines += &port_request_line(port);
+        }
+        if lines.is_empty() {
+            return;
+        }
+        if !matches!(write_slice(&link.stream, lines.as_bytes()), Io::Moved(n) if n == lines.len())
+        {
+            self.lost(now, "cannot send our requests to the relay".into());
         }
     }
 
@@ -589,7 +627,7 @@ impl Core {
 
     /// Starts the connects for one client: the dial-in and, when forwarding,
     /// the local service, both non-blocking.
-    fn dial(&mut self, port: u16) {
+    fn dial(&mut self, port: u16, token: Option<DialToken>) {
         let (Control::Ready(link, _) | Control::Registering(link, _)) = &self.control else {
             return;
         };
@@ -611,6 +649,7 @@ impl Core {
             dial_in,
             local,
             connected: [false, false],
+            token,
         };
         if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
             return log::warn!("dial-in to {addr} dropped: {e}");
@@ -625,6 +664,7 @@ impl Core {
             dial_in,
             local,
             connected,
+            token,
         }) = self.conns.get_mut(key)
         else {
             return;
@@ -635,6 +675,10 @@ impl Core {
             _ => return,
         };
         match connect_result(stream) {
+            Ok(true) if sub == DIAL_IN && !present(dial_in, token.take()) => {
+                log::debug!("dial-in lost before its token was sent");
+                return self.closing.push((key, true));
+            }
             Ok(true) => connected[sub] = true,
             Ok(false) => return,
             Err(e) if sub == LOCAL => {
@@ -748,6 +792,16 @@ impl Core {
             }
         }
     }
+}
+
+/// Sends a dial-in's token line, if it has one (33 bytes on a fresh
+/// connection: all or nothing). Returns whether the dial-in can be used.
+fn present(dial_in: &TcpStream, token: Option<DialToken>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let line = token_line(&token);
+    matches!(write_slice(dial_in, line.as_bytes()), Io::Moved(n) if n == line.len())
 }
 
 /// Registers a client's connecting sockets under its key.

@@ -55,6 +55,39 @@ pub struct Config {
     pub max_waiting_per_app: usize,
     /// Capacity of each ring buffer, per direction of an active pipe.
     pub buffer_size: usize,
+    /// The shared secret apps must prove they know (challenge–response), and
+    /// that makes every dial-in present a one-time token. `None`: the
+    /// original protocol, dial-ins checked by source address.
+    pub secret: Option<Secret>,
+    /// Most apps registered (or registering) at once.
+    pub max_apps: usize,
+    /// Most sockets held for peers at once (apps, clients, dial-ins);
+    /// connections beyond it are reset at once.
+    pub max_connections: usize,
+    /// Longest control line accepted from an app, `\n` included.
+    pub max_line: usize,
+    /// Where relayed ports may be: `None` is everything above the
+    /// registration port (increment style) or any port (random style).
+    pub port_range: Option<(u16, u16)>,
+    /// How long an app may take to authenticate, and a dial-in to present
+    /// its token (slow or silent peers are closed).
+    pub register_timeout: Duration,
+    /// How long a half-closed pipe may sit with no bytes moving before it is
+    /// closed, so that nothing lingers in CLOSE_WAIT forever.
+    pub half_close_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long open pipes may drain before the relay
+    /// exits anyway.
+    pub grace: Duration,
+}
+
+/// A secret, kept out of debug output and logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub Vec<u8>);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl Default for Config {
@@ -68,8 +101,32 @@ impl Default for Config {
             // 64 KiB: a loopback read rarely returns more, so larger rings buy
             // little throughput; each active direction holds at most this.
             buffer_size: 64 * 1024,
+            secret: None,
+            max_apps: 1024,
+            // Two sockets per relayed client: 16,384 clients. Far above what
+            // a small VM's descriptors allow by default; the fd limit (raised
+            // to the hard limit by the command line) usually binds first, and
+            // running out of descriptors is handled (accepts back off).
+            max_connections: 32 * 1024,
+            max_line: crate::protocol::MAX_LINE,
+            port_range: None,
+            register_timeout: Duration::from_secs(10),
+            half_close_timeout: Duration::from_secs(600),
+            grace: Duration::from_secs(10),
         }
     }
+}
+
+/// Parses a port range `MIN-MAX` (inclusive, 1 <= MIN <= MAX).
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("bad port range {text:?} (use MIN-MAX, e.g. 20000-20999)");
+    let (min, max) = text.split_once('-').ok_or_else(bad)?;
+    let min: u16 = min.trim().parse().map_err(|_| bad())?;
+    let max: u16 = max.trim().parse().map_err(|_| bad())?;
+    if min == 0 || min > max {
+        return Err(bad());
+    }
+    Ok((min, max))
 }
 
 /// Parses a duration: a number with unit `ms`, `s`, `m` or `h`; a bare
@@ -108,6 +165,24 @@ mod tests {
         assert_eq!("Random".parse(), Ok(RelayStyle::Random));
         assert_eq!("0".parse(), Ok(RelayStyle::Random));
         assert!("2".parse::<RelayStyle>().is_err());
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("20000-20999"), Ok((20000, 20999)));
+        assert_eq!(parse_port_range("80-80"), Ok((80, 80)));
+        for bad in ["", "80", "0-10", "10-9", "a-b", "1-70000", "-5"] {
+            assert!(parse_port_range(bad).is_err(), "{bad:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output() {
+        let config = Config {
+            secret: Some(Secret(b"hunter2".to_vec())),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

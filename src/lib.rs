@@ -91,6 +91,7 @@
 //! ```
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod pipe;
 pub mod pool;
@@ -103,6 +104,6 @@ pub mod sockio;
 pub mod state;
 
 pub use app::{Agent, AgentConfig, AgentError, EchoApp, RunningAgent, RunningEcho, Service};
-pub use config::{Config, RelayStyle};
+pub use config::{Config, RelayStyle, Secret};
 pub use relay::{Relay, RelayHandle, RunningRelay, Stats};
-pub use relayed::{Incoming, RelayedApp};
+pub use relayed::{Incoming, RegisterOptions, RelayedApp};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use log::LevelFilter;
-use tcp_relay::config::parse_duration;
-use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Service};
+use tcp_relay::config::{parse_duration, parse_port_range};
+use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Secret, Service};
 
 /// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
 #[derive(Parser)]
@@ -51,13 +51,49 @@ struct ServeArgs {
     /// How long a client waits for its app to dial in before it is closed.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     dial_in_timeout: Duration,
+    /// Shared secret apps must prove they know (HMAC challenge); also makes
+    /// every dial-in present a one-time token. Prefer the environment
+    /// variable, which stays out of `ps`.
+    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
+    secret: Option<String>,
+    /// Relayed ports only from this range, e.g. 20000-20999 (default: above
+    /// the registration port for increment, any for random).
+    #[arg(long, value_parser = parse_port_range, value_name = "MIN-MAX")]
+    port_range: Option<(u16, u16)>,
+    /// Most apps registered at once.
+    #[arg(long, default_value_t = Config::default().max_apps, value_name = "N")]
+    max_apps: usize,
+    /// Most clients one app may have waiting for dial-ins; more are reset.
+    #[arg(long, default_value_t = Config::default().max_waiting_per_app, value_name = "N")]
+    max_waiting: usize,
+    /// Most peer connections held at once (apps, clients, dial-ins); more are reset.
+    #[arg(long, default_value_t = Config::default().max_connections, value_name = "N")]
+    max_connections: usize,
+    /// Longest control line accepted from an app, in bytes.
+    #[arg(long, default_value_t = Config::default().max_line, value_name = "BYTES")]
+    max_line: usize,
+    /// Time an app has to authenticate, and a dial-in to present its token.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    register_timeout: Duration,
+    /// A half-closed pipe idle this long is closed.
+    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
+    half_close_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long open pipes may drain before exiting.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    grace: Duration,
 }
+
+/// The environment variable that may hold the secret.
+const SECRET_ENV: &str = "TCP_RELAY_SECRET";
 
 #[derive(Args)]
 struct EchoArgs {
     /// The relay's registration address.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
     relay: String,
+    /// The relay's shared secret, if it asks for one.
+    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
+    secret: Option<String>,
 }
 
 #[derive(Args)]
@@ -75,6 +111,9 @@ struct ExposeArgs {
     /// Exit (non-zero) when the relay goes away, instead of reconnecting.
     #[arg(long)]
     no_reconnect: bool,
+    /// The relay's shared secret, if it asks for one.
+    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
+    secret: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -113,8 +152,18 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         reg_port: args.reg_port,
         relay_style: args.relay_style,
         dial_in_timeout: args.dial_in_timeout,
+        secret: args.secret.map(|s| Secret(s.into_bytes())),
+        port_range: args.port_range,
+        max_apps: args.max_apps,
+        max_waiting_per_app: args.max_waiting,
+        max_connections: args.max_connections,
+        max_line: args.max_line,
+        register_timeout: args.register_timeout,
+        half_close_timeout: args.half_close_timeout,
+        grace: args.grace,
         ..Config::default()
     };
+    raise_fd_limit();
     let mut relay = Relay::bind(config).map_err(|e| e.to_string())?;
     relay
         .stop_on_signals()
@@ -127,6 +176,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Echo,
         port: None,
+        secret: args.secret.map(|s| Secret(s.into_bytes())),
         reconnect: false,
     })
 }
@@ -142,6 +192,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Forward(local),
         port: args.port,
+        secret: args.secret.map(|s| Secret(s.into_bytes())),
         reconnect: !args.no_reconnect,
     })
 }
@@ -163,4 +214,36 @@ fn run_agent(config: AgentConfig) -> Result<(), String> {
         .map_err(|e| format!("cannot watch signals: {e}"))?;
     agent.register().map_err(|e| e.to_string())?;
     agent.run().map_err(|e| e.to_string())
+}
+
+/// Raises the soft descriptor limit to the hard one: each relayed client
+/// costs two descriptors, and the usual soft default (1024) would cap a relay
+/// at a few hundred clients for no reason. Logs the limit either way.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return log::warn!(
+            "cannot read the descriptor limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    log::info!(
+        "descriptor limit: {} (about {} clients)",
+        limit.rlim_cur,
+        limit.rlim_cur / 2
+    );
 }

@@ -106,6 +106,7 @@ pub enum Flow {
 #[derive(Default)]
 pub struct Direction {
     ring: Option<RingBuffer>, // Some only while bytes are buffered or being read
+    moved: u64,               // bytes written to the destination so far
 }
 
 impl Direction {
@@ -172,7 +173,10 @@ impl Direction {
             return Ok(false);
         }
         match write_from(dst, ring) {
-            Io::Moved(_) => Ok(true),
+            Io::Moved(n) => {
+                self.moved += n as u64;
+                Ok(true)
+            }
             Io::WouldBlock => {
                 tx.writable = false;
                 Ok(false)
@@ -244,6 +248,17 @@ impl Pipe {
             Side::A => &mut self.a,
             Side::B => &mut self.b,
         }
+    }
+
+    /// Bytes delivered so far, both ways together.
+    pub fn moved(&self) -> u64 {
+        self.a_to_b.moved + self.b_to_a.moved
+    }
+
+    /// Exactly one way is finished: one peer ended its stream, the other
+    /// has not (yet).
+    pub fn is_half_closed(&self) -> bool {
+        self.a.tx.shut != self.b.tx.shut
     }
 
     /// Pumps both directions once.

@@ -25,6 +25,8 @@
 
 use std::fmt;
 
+use crate::auth::{DialToken, TOKEN_LINE_LEN, hex, unhex};
+
 /// Prefix of the line that tells an app its relayed port.
 pub const ESTABLISHED_PREFIX: &str = "established relay address port:";
 
@@ -39,10 +41,43 @@ pub fn established_line(port: u16) -> String {
     format!("{ESTABLISHED_PREFIX}{port}\n")
 }
 
-/// The line asking an app to dial in to `dial_port` for one waiting client.
-pub fn dial_line(dial_port: u16) -> String {
-    format!("{dial_port}\n")
+/// The line asking an app to dial in to `dial_port` for one waiting client;
+/// with a secret, it carries the token the dial-in must present.
+pub fn dial_line(dial_port: u16, token: Option<&DialToken>) -> String {
+    match token {
+        Some(token) => format!("{dial_port} {token}\n"),
+        None => format!("{dial_port}\n"),
+    }
 }
+
+/// The relay's challenge to an app when a secret is set.
+pub fn challenge_line(nonce: &[u8]) -> String {
+    format!("{CHALLENGE_PREFIX}{}\n", hex(nonce))
+}
+
+/// The app's answer to a challenge.
+pub fn auth_line(answer: &[u8]) -> String {
+    format!("{AUTH_PREFIX}{}\n", hex(answer))
+}
+
+/// What a dial-in sends first when a secret is set: its token.
+pub fn token_line(token: &DialToken) -> String {
+    format!("{token}\n")
+}
+
+/// Parses a dial-in's token line ([`TOKEN_LINE_LEN`] bytes, `\n` last).
+pub fn parse_token_line(line: &[u8]) -> Option<DialToken> {
+    let (last, token) = line.split_last()?;
+    if *last != b'\n' || line.len() != TOKEN_LINE_LEN {
+        return None;
+    }
+    DialToken::parse(std::str::from_utf8(token).ok()?)
+}
+
+/// Prefix of the relay's challenge line.
+const CHALLENGE_PREFIX: &str = "challenge ";
+/// Prefix of the app's answer.
+const AUTH_PREFIX: &str = "auth ";
 
 /// The extension line asking the relay for relayed port `port`.
 pub fn port_request_line(port: u16) -> String {
@@ -69,12 +104,19 @@ const PORT_PREFIX: &str = "port ";
 pub enum AppLine {
     /// `port <PORT>`: move my relayed port there.
     Port(u16),
+    /// `auth <HEX>`: the answer to the challenge.
+    Auth(Vec<u8>),
     /// Anything else: ignored, as the original relay ignored everything.
     Other,
 }
 
 /// Parses an app's line; only a malformed `port` request is an error.
 pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
+    if let Some(answer) = line.strip_prefix(AUTH_PREFIX) {
+        return unhex(answer)
+            .map(AppLine::Auth)
+            .ok_or_else(|| ProtocolError::Unexpected(truncated(line)));
+    }
     match line.strip_prefix(PORT_PREFIX) {
         Some(port) => parse_port(port).map(AppLine::Port),
         None => Ok(AppLine::Other),
@@ -86,8 +128,10 @@ pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
 pub enum RelayLine {
     /// `established relay address port:<PORT>`.
     Established(u16),
-    /// `<DIAL_PORT>`: dial in for one client.
-    Dial(u16),
+    /// `<DIAL_PORT>` or `<DIAL_PORT> <TOKEN>`: dial in for one client.
+    Dial(u16, Option<DialToken>),
+    /// `challenge <HEX>`: prove you know the secret.
+    Challenge(Vec<u8>),
     /// `error <REASON>`: a request was refused.
     Error(String),
 }
@@ -100,7 +144,19 @@ pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
     if line.starts_with(ESTABLISHED_PREFIX) {
         return parse_established(line).map(RelayLine::Established);
     }
-    parse_dial(line).map(RelayLine::Dial)
+    if let Some(nonce) = line.strip_prefix(CHALLENGE_PREFIX) {
+        return unhex(nonce)
+            .map(RelayLine::Challenge)
+            .ok_or_else(|| ProtocolError::Unexpected(truncated(line)));
+    }
+    match line.split_once(' ') {
+        Some((port, token)) => {
+            let token = DialToken::parse(token)
+                .ok_or_else(|| ProtocolError::Unexpected(truncated(line)))?;
+            Ok(RelayLine::Dial(parse_dial(port)?, Some(token)))
+        }
+        None => Ok(RelayLine::Dial(parse_dial(line)?, None)),
+    }
 }
 
 /// A control line that does not parse.
@@ -160,20 +216,36 @@ fn truncated(s: &str) -> String {
 ///
 /// Holds at most one partial line, so its memory is bounded whatever the
 /// peer sends.
-#[derive(Default)]
 pub struct LineReader {
     partial: Vec<u8>, // bytes of the line not yet terminated
+    limit: usize,     // longest line accepted, terminator included
+}
+
+impl Default for LineReader {
+    fn default() -> Self {
+        LineReader::with_limit(MAX_LINE)
+    }
 }
 
 impl LineReader {
-    /// An empty reader.
+    /// An empty reader for lines of at most [`MAX_LINE`] bytes.
     pub fn new() -> Self {
         LineReader::default()
     }
 
+    /// An empty reader for lines of at most `limit` bytes (at least 2).
+    pub fn with_limit(limit: usize) -> Self {
+        LineReader {
+            partial: Vec::new(),
+            limit: limit.max(2),
+        }
+    }
+
     /// Feeds `data`, calling `on_line` with each completed line (without its
     /// `\n` or `\r\n`, lossily decoded as UTF-8). Fails once a line grows past
-    /// [`MAX_LINE`]; the reader must then be discarded with its connection.
+    /// the limit (a terminated line of more than `limit` bytes, or an
+    /// unterminated tail of `limit` bytes or more); the reader must then be
+    /// discarded with its connection.
     pub fn feed(
         &mut self,
         data: &[u8],
@@ -181,7 +253,7 @@ impl LineReader {
     ) -> Result<(), ProtocolError> {
         let mut rest = data;
         while let Some(end) = rest.iter().position(|&b| b == b'\n') {
-            if self.partial.len() + end + 1 > MAX_LINE {
+            if self.partial.len() + end + 1 > self.limit {
                 return Err(ProtocolError::LineTooLong);
             }
             self.partial.extend_from_slice(&rest[..end]);
@@ -192,7 +264,7 @@ impl LineReader {
             self.partial.clear();
             rest = &rest[end + 1..];
         }
-        if self.partial.len() + rest.len() >= MAX_LINE {
+        if self.partial.len() + rest.len() >= self.limit {
             return Err(ProtocolError::LineTooLong);
         }
         self.partial.extend_from_slice(rest);
@@ -216,7 +288,7 @@ mod tests {
             established_line(8081),
             "established relay address port:8081\n"
         );
-        assert_eq!(dial_line(40123), "40123\n");
+        assert_eq!(dial_line(40123, None), "40123\n");
     }
 
     #[test]
@@ -224,7 +296,7 @@ mod tests {
         for port in [1u16, 80, 8081, 65535] {
             let est = established_line(port);
             assert_eq!(parse_established(est.trim_end_matches('\n')), Ok(port));
-            let dial = dial_line(port);
+            let dial = dial_line(port, None);
             assert_eq!(parse_dial(dial.trim_end_matches('\n')), Ok(port));
         }
     }
@@ -267,7 +339,7 @@ mod tests {
             parse_relay_line(est.trim_end()),
             Ok(RelayLine::Established(8081))
         );
-        assert_eq!(parse_relay_line("40000"), Ok(RelayLine::Dial(40000)));
+        assert_eq!(parse_relay_line("40000"), Ok(RelayLine::Dial(40000, None)));
         let err = error_line("port 22 is taken\nsecond line");
         assert_eq!(err.matches('\n').count(), 1, "an error line is one line");
         assert_eq!(
@@ -276,6 +348,40 @@ mod tests {
         );
         assert!(parse_relay_line("established relay address port:x").is_err());
         assert!(parse_relay_line("garbage").is_err());
+    }
+
+    #[test]
+    fn authenticated_lines_round_trip() {
+        let token = DialToken([0xab; 16]);
+        let line = dial_line(4000, Some(&token));
+        assert_eq!(line, format!("4000 {}\n", "ab".repeat(16)));
+        match parse_relay_line(line.trim_end()) {
+            Ok(RelayLine::Dial(4000, Some(t))) => assert!(t.matches(&token)),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_relay_line("4000 nothex").is_err());
+        let challenge = challenge_line(&[1, 2, 255]);
+        assert_eq!(challenge, "challenge 0102ff\n");
+        assert_eq!(
+            parse_relay_line(challenge.trim_end()),
+            Ok(RelayLine::Challenge(vec![1, 2, 255]))
+        );
+        assert_eq!(
+            parse_app_line(auth_line(&[9, 10]).trim_end()),
+            Ok(AppLine::Auth(vec![9, 10]))
+        );
+        assert!(parse_app_line("auth xyz").is_err());
+        let token_bytes = token_line(&token);
+        assert!(parse_token_line(token_bytes.as_bytes()).is_some_and(|t| t.matches(&token)));
+        assert!(parse_token_line(&token_bytes.as_bytes()[1..]).is_none());
+        assert!(parse_token_line(&[b'a'; TOKEN_LINE_LEN]).is_none());
+    }
+
+    #[test]
+    fn reader_honours_a_custom_limit() {
+        let mut r = LineReader::with_limit(4);
+        assert_eq!(lines(&mut r, b"abc\n").unwrap(), vec!["abc"]);
+        assert_eq!(lines(&mut r, b"abcd\n"), Err(ProtocolError::LineTooLong));
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub trait Handler {
     fn on_event(&mut self, event: &Event, now: Instant);
     /// End of a turn: requeued work, expired timers, then deferred closes.
     fn end_turn(&mut self, now: Instant);
+    /// SIGINT or SIGTERM arrived (see [`Reactor::stop_on_signals`]); returns
+    /// whether the loop should stop at once. The default does; a handler
+    /// that drains first returns false and ends the loop itself later.
+    fn on_signal(&mut self, _now: Instant) -> bool {
+        true
+    }
 }
 
 /// A poll, its stop handle and, if asked for, SIGINT/SIGTERM delivery.
@@ -141,7 +147,7 @@ impl Reactor {
         for event in self.events.iter() {
             match event.token() {
                 WAKER => {}
-                SIGNALS => take_signals(self.signals.as_mut(), &self.stopper),
+                SIGNALS => take_signals(self.signals.as_mut(), &self.stopper, handler, now),
                 _ => handler.on_event(event, now),
             }
         }
@@ -153,16 +159,23 @@ impl Reactor {
     }
 }
 
-/// Turns pending SIGINT/SIGTERM into a stop request.
-fn take_signals(signals: Option<&mut Signals>, stopper: &Stopper) {
+/// Hands pending SIGINT/SIGTERM to the handler; stops if it says so.
+fn take_signals(
+    signals: Option<&mut Signals>,
+    stopper: &Stopper,
+    handler: &mut impl Handler,
+    now: Instant,
+) {
     for signal in signals.into_iter().flat_map(|s| s.pending()) {
         let name = if signal == SIGINT {
             "SIGINT"
         } else {
             "SIGTERM"
         };
-        log::info!("{name} received: stopping");
-        stopper.flag.store(true, Ordering::Release);
+        log::info!("{name} received");
+        if handler.on_signal(now) {
+            stopper.flag.store(true, Ordering::Release);
+        }
     }
 }
 

@@ -28,12 +28,16 @@
 //! thousands of clients on one thread, use [`crate::Agent`] instead.
 
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::protocol::{LineReader, RelayLine, parse_relay_line, port_request_line};
+use crate::auth;
+use crate::config::Secret;
+use crate::protocol::{
+    LineReader, RelayLine, auth_line, parse_relay_line, port_request_line, token_line,
+};
 
 /// How long connecting, registering and each dial-in may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +86,49 @@ impl Control {
     }
 }
 
+/// How to register; see [`RelayedApp::register_with`].
+#[derive(Debug, Clone, Default)]
+pub struct RegisterOptions {
+    /// Ask for this relayed port (the `port` extension).
+    pub port: Option<u16>,
+    /// The relay's shared secret.
+    pub secret: Option<Secret>,
+}
+
+/// Answers the relay's first line: `auth` if it challenged us, then `port`
+/// if we want one.
+fn greet(stream: &TcpStream, nonce: Option<&[u8]>, options: &RegisterOptions) -> io::Result<()> {
+    let mut lines = String::new();
+    if let Some(nonce) = nonce {
+        let Some(secret) = &options.secret else {
+            return Err(refused("the relay requires a secret"));
+        };
+        lines += &auth_line(&auth::response(&secret.0, nonce));
+    }
+    if let Some(port) = options.port {
+        lines += &port_request_line(port);
+    }
+    let mut stream = stream;
+    stream.write_all(lines.as_bytes())
+}
+
+fn refused(reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionRefused,
+        format!("the relay refused: {reason}"),
+    )
+}
+
+fn registration_timeout(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the relay did not register us in time",
+        ),
+        _ => e,
+    }
+}
+
 fn lost() -> io::Error {
     io::Error::new(
         io::ErrorKind::ConnectionAborted,
@@ -90,10 +137,8 @@ fn lost() -> io::Error {
 }
 
 impl RelayedApp {
-    /// Registers with the relay at `relay` (its registration port) and takes
-    /// whatever relayed port it assigns. Blocks at most about 10 s.
     pub fn register(relay: impl ToSocketAddrs) -> io::Result<RelayedApp> {
-        Self::connect(relay, None)
+        Self::register_with(relay, &RegisterOptions::default())
     }
 
     /// Registers and asks for relayed port `port` (the protocol's `port`
@@ -101,70 +146,72 @@ impl RelayedApp {
     /// if the relay does not answer (the original relay does not know the
     /// extension).
     pub fn register_on_port(relay: impl ToSocketAddrs, port: u16) -> io::Result<RelayedApp> {
-        Self::connect(relay, Some(port))
+        let options = RegisterOptions {
+            port: Some(port),
+            ..RegisterOptions::default()
+        };
+        Self::register_with(relay, &options)
     }
 
-    fn connect(relay: impl ToSocketAddrs, port: Option<u16>) -> io::Result<RelayedApp> {
+    /// Registers with every option: a port to ask for, and the relay's
+    /// secret (for a relay that challenges; its dial-ins then present the
+    /// relay's tokens, which `accept` does for you).
+    pub fn register_with(
+        relay: impl ToSocketAddrs,
+        options: &RegisterOptions,
+    ) -> io::Result<RelayedApp> {
         let mut last = io::Error::new(
             io::ErrorKind::InvalidInput,
             "relay address resolves to nothing",
         );
         for addr in relay.to_socket_addrs()? {
             match TcpStream::connect_timeout(&addr, TIMEOUT) {
-                Ok(stream) => return Self::handshake(stream, addr, port),
+                Ok(stream) => return Self::handshake(stream, addr, options),
                 Err(e) => last = e,
             }
         }
         Err(last)
     }
 
-    /// Reads the established line (and, after a port request, the relay's
-    /// answer). Dial lines that arrive meanwhile are kept for `accept`.
+    /// Answers the relay's first line (the challenge, if any) and sends the
+    /// port request, then reads until registered: one established line, or
+    /// two after a port request. Dial lines meanwhile are kept for `accept`.
     fn handshake(
         stream: TcpStream,
         relay: SocketAddr,
-        port: Option<u16>,
+        options: &RegisterOptions,
     ) -> io::Result<RelayedApp> {
-        use std::io::Write;
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(TIMEOUT))?;
-        if let Some(port) = port {
-            (&stream).write_all(port_request_line(port).as_bytes())?;
-        }
         let mut control = Control {
             stream,
             lines: LineReader::new(),
             pending: VecDeque::new(),
             lost: false,
         };
-        let needed = if port.is_some() { 2 } else { 1 };
-        let mut seen = 0;
+        let needed = 1 + usize::from(options.port.is_some());
+        let (mut seen, mut relayed_port, mut greeted) = (0, 0, false);
         let mut dials = VecDeque::new();
-        let relayed_port = loop {
-            let line = control.next_line().map_err(|e| match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the relay did not register us in time",
-                ),
-                _ => e,
-            })?;
-            match parse_relay_line(&line) {
-                Ok(RelayLine::Established(p)) => {
-                    seen += 1;
-                    if seen == needed {
-                        break p;
-                    }
+        while seen < needed {
+            let line = control.next_line().map_err(registration_timeout)?;
+            let parsed = parse_relay_line(&line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let nonce = match parsed {
+                RelayLine::Established(port) => {
+                    (seen, relayed_port) = (seen + 1, port);
+                    None
                 }
-                Ok(RelayLine::Dial(_)) => dials.push_back(line),
-                Ok(RelayLine::Error(reason)) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::ConnectionRefused,
-                        format!("the relay refused: {reason}"),
-                    ));
+                RelayLine::Challenge(nonce) => Some(nonce),
+                RelayLine::Dial(..) => {
+                    dials.push_back(line);
+                    continue;
                 }
-                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                RelayLine::Error(reason) => return Err(refused(&reason)),
+            };
+            if !std::mem::replace(&mut greeted, true) {
+                greet(&control.stream, nonce.as_deref(), options)?;
             }
-        };
+        }
         dials.extend(control.pending.drain(..));
         control.pending = dials;
         control.stream.set_read_timeout(None)?;
@@ -198,18 +245,21 @@ impl RelayedApp {
         loop {
             let line = control.next_line()?;
             match parse_relay_line(&line) {
-                Ok(RelayLine::Dial(port)) => {
+                Ok(RelayLine::Dial(port, token)) => {
                     drop(control);
                     let addr = SocketAddr::new(self.relay.ip(), port);
-                    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+                    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
                     stream.set_nodelay(true)?;
+                    if let Some(token) = token {
+                        stream.write_all(token_line(&token).as_bytes())?;
+                    }
                     return Ok(stream);
                 }
                 Ok(RelayLine::Error(reason)) => {
                     return Err(io::Error::other(format!("the relay said: {reason}")));
                 }
                 // Another established line, or one we do not know: not a client.
-                Ok(RelayLine::Established(_)) | Err(_) => continue,
+                Ok(RelayLine::Established(_) | RelayLine::Challenge(_)) | Err(_) => continue,
             }
         }
     }

@@ -2,35 +2,42 @@
 //! phase owns.
 //!
 //! ```text
-//!  app connects ──► Registering ──(established line written)──► Registered
-//!                        │                                          │
-//!                        └──── control EOF / reset / bad line ──────┴──► closed
-//!                                                                  (closes its listeners
-//!                                                                   and waiting clients)
+//!  app connects ─┬─(secret set)──► Authenticating ──(right answer)──┐
+//!                └─(no secret)───────────────────────────────────────┴─► Registering
+//!                                                                            │
+//!        Registered ◄──────────────── (established line written) ───────────┘
+//!  Authenticating / Registering / Registered ── EOF, reset, bad line, wrong
+//!        answer, timeout ──► closed (with its listeners and waiting clients)
 //!
-//!  client connects ──► AwaitingDialIn ──(dial-in from the app)──► Piping ──► closed
-//!                           │                                        (both ways done,
-//!                           └── dial-in timeout / app gone ──► closed  or a reset)
+//!  client connects ──► AwaitingDialIn ──(dial-in paired)──► Piping ──► closed
+//!                           └── dial-in timeout / app gone ──► closed
+//!
+//!  dial-in (secret set) ──► Presenting ──(its client's token)──► moves into
+//!                               └── wrong token / timeout ──► closed    that client's entry
 //! ```
 //!
 //! `Closed` is only a placeholder: it fills a slot for the instant a
-//! transition moves the old state's data into the new one.
+//! transition moves the old state's data into the new one, or while an entry
+//! whose sockets moved elsewhere waits to be reaped.
 
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
+use crate::auth::{DialToken, NONCE_LEN, TOKEN_LINE_LEN};
 use crate::pipe::{Endpoint, Flow, Pipe};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
 use crate::sockio::{Io, read_slice, write_slice};
 
-/// Most control bytes queued toward one app. A dial line is at most six
-/// bytes, so this holds thousands of requests; an app that reads none of
-/// them has its new clients refused rather than growing this without bound.
+/// Most control bytes queued toward one app. A dial line is at most 40
+/// bytes (with a token), so this holds hundreds of requests; an app that
+/// reads none of them has its new clients refused rather than growing this
+/// without bound.
 pub const OUTBOX_MAX: usize = 16 * 1024;
 
 /// Control reads per event before yielding to other sockets.
@@ -38,6 +45,8 @@ const CONTROL_READ_BUDGET: usize = 8;
 
 /// One slab entry.
 pub enum Conn {
+    /// An app that must answer the challenge before it gets any port.
+    Authenticating(Applicant),
     /// An app's control connection whose `established` line is not yet fully
     /// written. Clients may already arrive; their dial lines queue behind it.
     Registering(App),
@@ -46,9 +55,11 @@ pub enum Conn {
     /// A client accepted on a relayed port, waiting for its app's dial-in.
     /// Its bytes wait in the kernel: we do not read until there is a peer.
     AwaitingDialIn(Waiting),
+    /// A dial-in that must present its client's token first.
+    Presenting(Presenter),
     /// A client and its dial-in, piped both ways.
-    Piping(Pipe),
-    /// Placeholder during a transition; never seen by a handler.
+    Piping(Piped),
+    /// Placeholder; never seen by a handler.
     Closed,
 }
 
@@ -56,68 +67,66 @@ impl Conn {
     /// The state's name, for transition logs.
     pub fn name(&self) -> &'static str {
         match self {
+            Conn::Authenticating(_) => "Authenticating",
             Conn::Registering(_) => "Registering",
             Conn::Registered(_) => "Registered",
             Conn::AwaitingDialIn(_) => "AwaitingDialIn",
+            Conn::Presenting(_) => "Presenting",
             Conn::Piping(_) => "Piping",
             Conn::Closed => "Closed",
         }
     }
 
-    /// The app, in either of its phases.
+    /// The app, in either of its registered phases.
     pub fn app_mut(&mut self) -> Option<&mut App> {
         match self {
             Conn::Registering(app) | Conn::Registered(app) => Some(app),
             _ => None,
         }
     }
+
+    /// The identity its timer carries, if it has one.
+    pub fn timer_id(&self) -> Option<u64> {
+        match self {
+            Conn::Authenticating(a) => Some(a.id),
+            Conn::AwaitingDialIn(w) => Some(w.id),
+            Conn::Presenting(p) => Some(p.id),
+            Conn::Piping(p) => Some(p.id),
+            _ => None,
+        }
+    }
+
+    /// Sockets this entry holds for peers (listeners not counted).
+    pub fn peer_sockets(&self) -> usize {
+        match self {
+            Conn::Piping(_) => 2,
+            Conn::Closed => 0,
+            _ => 1,
+        }
+    }
 }
 
-/// A registered app: its control connection and the two listeners opened
-/// for it. They live and die together (invariant *An app owns its ports*).
-pub struct App {
-    pub control: TcpStream,       // the connection the app registered on
-    pub peer: SocketAddr,         // where it came from; dial-ins must share the IP
-    pub relayed: TcpListener,     // the public port clients connect to
-    pub relayed_port: u16,        // its number, announced in the established line
-    pub dial: TcpListener,        // where the app dials in, one connection per client
-    pub dial_port: u16,           // its number, sent in every dial line
-    pub waiting: VecDeque<usize>, // keys of clients awaiting a dial-in, oldest first
-    pub refusing: bool,           // clients are being refused (logged once per episode)
-    pub request: Option<Result<u16, ProtocolError>>, // a `port` request not yet answered
-    pub refused: bool,            // a request was refused: close once the outbox is out
-    readable: bool,               // control read half ready (software readiness)
-    writable: bool,               // control write half ready
-    lines: LineReader,            // frames what the app sends
-    outbox: Vec<u8>,              // control bytes not yet written, at most OUTBOX_MAX
-    ignored_lines: u64,           // lines the original protocol has no meaning for
+/// An app's control connection: software readiness, line framing and a
+/// bounded outbox. Shared by the authenticating and registered phases.
+pub struct Control {
+    pub stream: TcpStream, // the connection the app registered on
+    pub peer: SocketAddr,  // where it came from
+    readable: bool,        // read half ready (software readiness)
+    writable: bool,        // write half ready
+    lines: LineReader,     // frames what the app sends
+    outbox: Vec<u8>,       // bytes not yet written, at most OUTBOX_MAX
 }
 
-impl App {
-    /// A new app; both halves of its control connection start out ready.
-    pub fn new(
-        control: TcpStream,
-        peer: SocketAddr,
-        relayed: TcpListener,
-        dial: TcpListener,
-        ports: (u16, u16),
-    ) -> Self {
-        App {
-            control,
+impl Control {
+    /// A fresh control connection; both halves start out ready.
+    pub fn new(stream: TcpStream, peer: SocketAddr, max_line: usize) -> Self {
+        Control {
+            stream,
             peer,
-            relayed,
-            relayed_port: ports.0,
-            dial,
-            dial_port: ports.1,
-            waiting: VecDeque::new(),
-            refusing: false,
-            request: None,
-            refused: false,
             readable: true,
             writable: true,
-            lines: LineReader::new(),
+            lines: LineReader::with_limit(max_line),
             outbox: Vec::new(),
-            ignored_lines: 0,
         }
     }
 
@@ -137,15 +146,15 @@ impl App {
         self.outbox.extend_from_slice(line.as_bytes());
     }
 
-    /// Whether every queued control byte has been written.
+    /// Whether every queued byte has been written.
     pub fn flushed(&self) -> bool {
         self.outbox.is_empty()
     }
 
-    /// Writes queued control bytes until done or the socket is full.
+    /// Writes queued bytes until done or the socket is full.
     pub fn flush(&mut self) -> Result<(), Ending> {
         while self.writable && !self.outbox.is_empty() {
-            match write_slice(&self.control, &self.outbox) {
+            match write_slice(&self.stream, &self.outbox) {
                 Io::Moved(n) => {
                     self.outbox.drain(..n);
                 }
@@ -157,18 +166,19 @@ impl App {
         Ok(())
     }
 
-    /// Reads what the app sent. The original protocol has no app-to-relay
-    /// lines; a `port` request (the one extension) is kept in `request`,
-    /// other lines are counted and ignored (logged once). A line past the
-    /// length bound ends the app; so do EOF and reset.
-    pub fn read_control(&mut self) -> Result<Flow, Ending> {
+    /// Reads what the app sent, handing each complete line to `on_line`.
+    /// A line past the length bound ends the app; so do EOF and reset.
+    pub fn read_lines(&mut self, mut on_line: impl FnMut(&str)) -> Result<Flow, Ending> {
         let mut buf = [0u8; 512];
         for _ in 0..CONTROL_READ_BUDGET {
             if !self.readable {
                 return Ok(Flow::Idle);
             }
-            match read_slice(&self.control, &mut buf) {
-                Io::Moved(n) => self.take_lines(&buf[..n])?,
+            match read_slice(&self.stream, &mut buf) {
+                Io::Moved(n) => self
+                    .lines
+                    .feed(&buf[..n], &mut on_line)
+                    .map_err(Ending::Protocol)?,
                 Io::WouldBlock => self.readable = false,
                 Io::Eof | Io::Reset => return Err(Ending::Gone),
                 Io::Failed(e) => return Err(Ending::Failed(e)),
@@ -180,34 +190,107 @@ impl App {
             Flow::Idle
         })
     }
+}
 
-    /// Frames what the app sent: a `port` request is kept for the relay to
-    /// answer (the last one wins); other lines are counted and ignored.
-    fn take_lines(&mut self, data: &[u8]) -> Result<(), Ending> {
-        let (peer, ignored, request) = (self.peer, &mut self.ignored_lines, &mut self.request);
-        self.lines
-            .feed(data, |line| match parse_app_line(line) {
-                Ok(AppLine::Port(port)) => *request = Some(Ok(port)),
-                Err(e) => *request = Some(Err(e)),
-                Ok(AppLine::Other) => {
-                    if *ignored == 0 {
-                        log::info!(
-                            "app {peer} sent {line:.64?}; ignored (not a line this relay knows)"
-                        );
-                    }
-                    *ignored += 1;
-                }
-            })
-            .map_err(Ending::Protocol)
+/// An app that has been challenged and has not answered yet.
+pub struct Applicant {
+    pub control: Control,          // its control connection
+    pub nonce: [u8; NONCE_LEN],    // the challenge it must answer
+    pub answered: Option<Vec<u8>>, // its `auth` answer, once read
+    pub early: Vec<String>,        // lines sent after the answer, kept for the app
+    pub id: u64,                   // identity, for its registration timer
+}
+
+/// A registered app: its control connection and the two listeners opened
+/// for it. They live and die together (invariant *An app owns its ports*).
+pub struct App {
+    pub control: Control,         // the connection it registered on
+    pub relayed: TcpListener,     // the public port clients connect to
+    pub relayed_port: u16,        // its number, announced in the established line
+    pub dial: TcpListener,        // where the app dials in, one connection per client
+    pub dial_port: u16,           // its number, sent in every dial line
+    pub waiting: VecDeque<usize>, // keys of clients awaiting a dial-in, oldest first
+    pub refusing: bool,           // clients are being refused (logged once per episode)
+    pub request: Option<Result<u16, ProtocolError>>, // a `port` request not yet answered
+    pub refused: bool,            // a request was refused: close once the outbox is out
+    ignored_lines: u64,           // lines this relay has no meaning for
+}
+
+impl App {
+    /// A new app on its freshly opened listeners.
+    pub fn new(
+        control: Control,
+        relayed: TcpListener,
+        dial: TcpListener,
+        ports: (u16, u16),
+    ) -> Self {
+        App {
+            control,
+            relayed,
+            relayed_port: ports.0,
+            dial,
+            dial_port: ports.1,
+            waiting: VecDeque::new(),
+            refusing: false,
+            request: None,
+            refused: false,
+            ignored_lines: 0,
+        }
+    }
+
+    /// Reads what the app sent. The original protocol has no app-to-relay
+    /// lines; a `port` request (the one extension) is kept in `request`,
+    /// other lines are counted and ignored (logged once).
+    pub fn read_control(&mut self) -> Result<Flow, Ending> {
+        let (peer, ignored, request) = (
+            self.control.peer,
+            &mut self.ignored_lines,
+            &mut self.request,
+        );
+        self.control
+            .read_lines(|line| take_line(line, peer, ignored, request))
+    }
+
+    /// Handles lines that arrived with the authentication answer.
+    pub fn take_early_lines(&mut self, lines: Vec<String>) {
+        for line in lines {
+            take_line(
+                &line,
+                self.control.peer,
+                &mut self.ignored_lines,
+                &mut self.request,
+            );
+        }
+    }
+}
+
+/// One line from a registered app: a `port` request is kept (the last one
+/// wins); an `auth` after registration or an unknown line is ignored.
+fn take_line(
+    line: &str,
+    peer: SocketAddr,
+    ignored: &mut u64,
+    request: &mut Option<Result<u16, ProtocolError>>,
+) {
+    match parse_app_line(line) {
+        Ok(AppLine::Port(port)) => *request = Some(Ok(port)),
+        Err(e) if line.starts_with("port ") => *request = Some(Err(e)),
+        _ => {
+            if *ignored == 0 {
+                log::info!("app {peer} sent {line:.64?}; ignored (not a line this relay knows)");
+            }
+            *ignored += 1;
+        }
     }
 }
 
 /// A client accepted on a relayed port, waiting for its app's dial-in.
 pub struct Waiting {
-    pub client: Endpoint, // its socket; not read until paired
-    pub peer: SocketAddr, // for logs
-    pub app: usize,       // slab key of its app
-    pub id: u64,          // identity, to recognise this client's timer
+    pub client: Endpoint,         // its socket; not read until paired
+    pub peer: SocketAddr,         // for logs
+    pub app: usize,               // slab key of its app
+    pub id: u64,                  // identity, to recognise this client's timer
+    pub token: Option<DialToken>, // what its dial-in must present (with a secret)
 }
 
 impl Waiting {
@@ -216,6 +299,26 @@ impl Waiting {
     pub fn failed(&self) -> Option<io::Error> {
         self.client.stream.take_error().unwrap_or_else(Some)
     }
+}
+
+/// A dial-in reading its token line, byte-exact: nothing after the line is
+/// consumed, so bytes the app sends right behind it reach the client.
+pub struct Presenter {
+    pub stream: TcpStream,          // the dial-in
+    pub peer: SocketAddr,           // for logs
+    pub app: usize,                 // slab key of the app it dialled
+    pub line: [u8; TOKEN_LINE_LEN], // the token line so far
+    pub got: usize,                 // bytes of it read
+    pub id: u64,                    // identity, for its timer
+}
+
+/// A client and its dial-in, piped; with what the idle timer needs.
+pub struct Piped {
+    pub pipe: Pipe,          // the sockets and their directions
+    pub id: u64,             // identity, for the half-close idle timer
+    pub last_moved: Instant, // when bytes last moved (either way)
+    pub moved: u64,          // bytes moved so far, to notice movement
+    pub timer_armed: bool,   // the half-close idle timer is pending
 }
 
 /// Why an entry closes; decides log level and FIN versus RST.
@@ -231,18 +334,23 @@ pub enum Ending {
     Failed(io::Error),
     /// The peer broke the line protocol.
     Protocol(ProtocolError),
-    /// No dial-in came in time.
+    /// Its deadline passed (dial-in, authentication, token, idle half-close).
     TimedOut,
     /// The client's app closed before a dial-in came.
     AppGone,
-    /// The app's request was refused (it was told why).
+    /// The app's request or credentials were refused (it was told why).
     Refused,
+    /// The relay is shutting down.
+    Shutdown,
 }
 
 impl Ending {
     /// Whether the other side of a pair must see a reset, not an orderly end.
     pub fn is_abort(&self) -> bool {
-        matches!(self, Ending::Reset | Ending::Failed(_))
+        matches!(
+            self,
+            Ending::Reset | Ending::Failed(_) | Ending::TimedOut | Ending::Shutdown
+        )
     }
 }
 
@@ -254,9 +362,10 @@ impl fmt::Display for Ending {
             Ending::Reset => f.write_str("reset by peer"),
             Ending::Failed(e) => write!(f, "error: {e}"),
             Ending::Protocol(e) => write!(f, "protocol error: {e}"),
-            Ending::TimedOut => f.write_str("no dial-in in time"),
+            Ending::TimedOut => f.write_str("timed out"),
             Ending::AppGone => f.write_str("its app went away"),
-            Ending::Refused => f.write_str("its request was refused"),
+            Ending::Refused => f.write_str("refused"),
+            Ending::Shutdown => f.write_str("relay shutting down"),
         }
     }
 }

@@ -65,6 +65,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         relay: relay.to_string(),
         service: Service::Forward(local),
         port: None,
+        secret: None,
         reconnect: true,
     }
 }

@@ -1,0 +1,242 @@
+//! The client side of the relay: admitting clients, checking dial-ins (by
+//! source address, or by token with a secret), pairing them, and pumping
+//! pipes, including the idle timer of half-closed pipes.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::Interest;
+use mio::net::TcpStream;
+
+use super::core::{CLIENT, Core, DIAL_IN};
+use crate::auth::{DialToken, TOKEN_LINE_LEN};
+use crate::pipe::{Broken, Endpoint, Flow, Pipe};
+use crate::protocol::{dial_line, parse_token_line};
+use crate::reactor::token;
+use crate::sockio::{Io, read_slice, reset_on_close};
+use crate::state::{Conn, Ending, Piped, Presenter, Waiting};
+
+impl Core {
+    /// A client on an app's relayed port: queue it and ask the app to dial
+    /// in (with a token, when a secret is set).
+    pub(super) fn admit_client(
+        &mut self,
+        app_key: usize,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
+        let max_waiting = self.config.max_waiting_per_app;
+        let token_wanted = self.config.secret.is_some();
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        let full = app.waiting.len() >= max_waiting || !app.control.has_room(80);
+        let dial_token = if token_wanted {
+            DialToken::random().ok()
+        } else {
+            None
+        };
+        if full || (token_wanted && dial_token.is_none()) {
+            if !app.refusing {
+                log::warn!(
+                    "port {}: app {} has {} clients waiting for dial-ins; refusing new clients",
+                    app.relayed_port,
+                    app.control.peer,
+                    app.waiting.len()
+                );
+                app.refusing = true;
+            }
+            return reset_on_close(&stream);
+        }
+        app.refusing = false;
+        let (line, relayed_port) = (
+            dial_line(app.dial_port, dial_token.as_ref()),
+            app.relayed_port,
+        );
+        let _ = stream.set_nodelay(true);
+        let id = self.next_id();
+        let inserted = self.insert(|key, registry| {
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            registry.register(&mut stream, token(key, CLIENT), interest)?;
+            Ok(Conn::AwaitingDialIn(Waiting {
+                client: Endpoint::new(stream),
+                peer,
+                app: app_key,
+                id,
+                token: dial_token,
+            }))
+        });
+        let key = match inserted {
+            Ok(key) => key,
+            Err(e) => return log::warn!("client {peer} dropped: cannot register: {e}"),
+        };
+        self.timers.add(now + self.config.dial_in_timeout, key, id);
+        if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
+            app.waiting.push_back(key);
+            app.control.queue(&line);
+        }
+        log::debug!("client {peer} on port {relayed_port}: asked its app to dial in");
+        self.serve_control(app_key);
+    }
+
+    /// A dial-in. With a secret it must present its client's token first;
+    /// without one it must come from the app's address, and gets the oldest
+    /// waiting client.
+    pub(super) fn admit_dial_in(
+        &mut self,
+        app_key: usize,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
+        if self.config.secret.is_some() {
+            let id = self.next_id();
+            let inserted = self.insert(|key, registry| {
+                registry.register(&mut stream, token(key, 0), Interest::READABLE)?;
+                Ok(Conn::Presenting(Presenter {
+                    stream,
+                    peer,
+                    app: app_key,
+                    line: [0; TOKEN_LINE_LEN],
+                    got: 0,
+                    id,
+                }))
+            });
+            if let Ok(key) = inserted {
+                self.timers.add(now + self.config.register_timeout, key, id);
+                self.read_token(key, now);
+            }
+            return;
+        }
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        if peer.ip().to_canonical() != app.control.peer.ip().to_canonical() {
+            log::debug!(
+                "dial-in from {peer} refused: app {} registered from another address",
+                app.control.peer
+            );
+            return reset_on_close(&stream);
+        }
+        let Some(client) = app.waiting.pop_front() else {
+            return log::debug!("dial-in from {peer} closed: no client is waiting");
+        };
+        let _ = stream.set_nodelay(true);
+        self.pair(client, stream, false, now);
+    }
+
+    /// Reads a presenting dial-in's token line, never a byte past it (bytes
+    /// the app sends right behind it belong to the client); then pairs it
+    /// with the one client the token was made for, or closes it.
+    pub(super) fn read_token(&mut self, key: usize, now: Instant) {
+        let Some(Conn::Presenting(presenter)) = self.conns.get_mut(key) else {
+            return;
+        };
+        while presenter.got < TOKEN_LINE_LEN {
+            match read_slice(&presenter.stream, &mut presenter.line[presenter.got..]) {
+                Io::Moved(n) => presenter.got += n,
+                Io::WouldBlock => return,
+                Io::Eof | Io::Reset | Io::Failed(_) => return self.close(key, Ending::Gone),
+            }
+        }
+        let (app_key, peer) = (presenter.app, presenter.peer);
+        let client = parse_token_line(&presenter.line).and_then(|t| self.claim(app_key, &t));
+        let Some(client) = client else {
+            log::debug!("dial-in from {peer} refused: wrong or used token");
+            return self.close(key, Ending::Refused);
+        };
+        if let Some(Conn::Presenting(presenter)) = self.take(key) {
+            self.pair(client, presenter.stream, true, now);
+        }
+    }
+
+    /// Removes and returns the waiting client of `app_key` whose token is
+    /// `token`: a token is good once.
+    fn claim(&mut self, app_key: usize, token: &DialToken) -> Option<usize> {
+        let app = self.conns.get(app_key)?;
+        let (Conn::Registering(app) | Conn::Registered(app)) = app else {
+            return None;
+        };
+        let client = app.waiting.iter().copied().find(|&k| {
+            matches!(self.conns.get(k), Some(Conn::AwaitingDialIn(w)) if w.token.is_some_and(|t| t.matches(token)))
+        })?;
+        if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
+            app.waiting.retain(|&k| k != client);
+        }
+        Some(client)
+    }
+
+    /// AwaitingDialIn => Piping, then an immediate pump: the client may have
+    /// sent bytes while it waited, and no new event will announce them.
+    /// A dial-in that presented a token is already registered (under its
+    /// own entry's token) and moves to the client's.
+    fn pair(&mut self, key: usize, mut dial_in: TcpStream, registered: bool, now: Instant) {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        let moved = if registered {
+            self.registry
+                .reregister(&mut dial_in, token(key, DIAL_IN), interest)
+        } else {
+            self.registry
+                .register(&mut dial_in, token(key, DIAL_IN), interest)
+        };
+        if let Err(e) = moved {
+            log::warn!("dial-in dropped: cannot register: {e}");
+            return self.close(key, Ending::Failed(e));
+        }
+        self.transition(key, |conn| match conn {
+            Conn::AwaitingDialIn(waiting) => {
+                log::debug!("client {} paired with its dial-in", waiting.peer);
+                Conn::Piping(Piped {
+                    pipe: Pipe::new(waiting.client, Endpoint::new(dial_in)),
+                    id: waiting.id,
+                    last_moved: now,
+                    moved: 0,
+                    timer_armed: false,
+                })
+            }
+            other => other,
+        });
+        self.pump(key, now);
+    }
+
+    /// Moves a pipe's bytes; requeues it if its budget ran out; arms the
+    /// idle timer once it is half-closed.
+    pub(super) fn pump(&mut self, key: usize, now: Instant) {
+        let Some(Conn::Piping(piped)) = self.conns.get_mut(key) else {
+            return;
+        };
+        let flow = piped.pipe.pump(&mut self.pool);
+        if piped.pipe.moved() != piped.moved {
+            piped.moved = piped.pipe.moved();
+            piped.last_moved = now;
+        }
+        if piped.pipe.is_half_closed() && !piped.timer_armed {
+            piped.timer_armed = true;
+            self.timers
+                .add(now + self.config.half_close_timeout, key, piped.id);
+        }
+        match flow {
+            Ok(Flow::Idle) => {}
+            Ok(Flow::More) => self.requeued.push(token(key, CLIENT)),
+            Ok(Flow::Done) => self.close(key, Ending::Done),
+            Err(Broken::Reset) => self.close(key, Ending::Reset),
+            Err(Broken::Failed(e)) => self.close(key, Ending::Failed(e)),
+        }
+    }
+
+    /// The idle timer of a half-closed pipe fired: close it if nothing moved
+    /// for the whole timeout, else wait out the rest.
+    pub(super) fn check_idle(&mut self, key: usize, now: Instant) {
+        let timeout = self.config.half_close_timeout;
+        let Some(Conn::Piping(piped)) = self.conns.get_mut(key) else {
+            return;
+        };
+        let idle_until = piped.last_moved + timeout;
+        if now >= idle_until {
+            log::debug!("half-closed pipe idle for {timeout:?}: closed");
+            return self.close(key, Ending::TimedOut);
+        }
+        self.timers.add(idle_until, key, piped.id);
+    }
+}

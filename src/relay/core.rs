@@ -1,0 +1,477 @@
+//! The relay's handler: dispatch by state, accepting under limits and
+//! back-off, state transitions, timers, deferred close, and the drain on
+//! shutdown. What happens *inside* each state lives in `apps` and `clients`.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+use mio::{Registry, Token};
+use slab::Slab;
+
+use super::Stats;
+use crate::config::Config;
+use crate::pool::BufferPool;
+use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Timers, split};
+use crate::sockio::reset_on_close;
+use crate::state::{App, Conn, Ending, Piped};
+
+/// The registration listener's token (fixed; connection tokens are slab keys).
+pub(super) const REG_LISTENER: Token = reactor::MAIN;
+
+/// Sockets of an app entry, by sub-token (an authenticating app has only
+/// its control connection).
+pub(super) const CONTROL: usize = 0;
+pub(super) const RELAYED: usize = 1;
+pub(super) const DIAL: usize = 2;
+
+/// Sockets of a client entry, by sub-token. A presenting dial-in is an
+/// entry of its own, with its socket at sub-token 0.
+pub(super) const CLIENT: usize = 0;
+pub(super) const DIAL_IN: usize = 1;
+
+/// Free rings the pool keeps for reuse: enough for a burst of busy pipes,
+/// small enough (64 × 64 KiB = 4 MiB) to give memory back after it.
+const POOL_MAX_IDLE: usize = 64;
+
+/// Counts of entries by state, kept as states change.
+#[derive(Default)]
+pub(super) struct Census {
+    pub apps: usize,    // Registering + Registered
+    pub pending: usize, // Authenticating + Presenting
+    pub waiting: usize, // AwaitingDialIn
+    pub pipes: usize,   // Piping
+    pub sockets: usize, // peer sockets held, for the connection limit
+}
+
+impl Census {
+    fn count(&mut self, conn: &Conn) -> Option<&mut usize> {
+        match conn {
+            Conn::Registering(_) | Conn::Registered(_) => Some(&mut self.apps),
+            Conn::Authenticating(_) | Conn::Presenting(_) => Some(&mut self.pending),
+            Conn::AwaitingDialIn(_) => Some(&mut self.waiting),
+            Conn::Piping(_) => Some(&mut self.pipes),
+            Conn::Closed => None,
+        }
+    }
+
+    pub fn entered(&mut self, conn: &Conn) {
+        self.sockets += conn.peer_sockets();
+        if let Some(n) = self.count(conn) {
+            *n += 1;
+        }
+    }
+
+    pub fn left(&mut self, conn: &Conn) {
+        self.sockets -= conn.peer_sockets();
+        if let Some(n) = self.count(conn) {
+            *n -= 1;
+        }
+    }
+}
+
+/// A condition logged once when it starts, not once per event.
+#[derive(Default)]
+pub(super) struct Alarm {
+    raised: bool,
+}
+
+impl Alarm {
+    /// Logs `message` if the alarm was not already raised.
+    pub fn raise(&mut self, message: impl FnOnce() -> String) {
+        if !self.raised {
+            log::warn!("{}", message());
+            self.raised = true;
+        }
+    }
+
+    /// The condition is over; the next one is logged again.
+    pub fn clear(&mut self) {
+        self.raised = false;
+    }
+}
+
+/// The relay's state, driven by the reactor through [`Handler`].
+pub(super) struct Core {
+    pub registry: Registry,            // registers sockets accepted mid-turn
+    pub config: Config,                // what the user asked for
+    pub reg: Option<TcpListener>,      // the registration port (None once draining)
+    pub reg_addr: SocketAddr,          // its bound address
+    pub conns: Slab<Conn>,             // every app, client, dial-in and pipe
+    pub pool: BufferPool,              // rings lent to directions with bytes in flight
+    pub timers: Timers,                // deadlines: dial-in, authentication, token, idle
+    pub gate: AcceptGate,              // accept back-off when out of descriptors
+    pub requeued: Vec<Token>,          // sockets that used their budget with work left
+    pub closing: Vec<(usize, Ending)>, // entries to reap at the end of the turn
+    pub held_ports: BTreeSet<u16>,     // relayed ports apps hold now
+    pub next_id: u64,                  // identity for the next timed entry
+    pub census: Census,                // entries by state
+    pub published: Arc<Mutex<Stats>>,  // the census as of the last turn, for other threads
+    pub full: Alarm,                   // the connection limit is being hit
+    pub crowded: Alarm,                // the app limit is being hit
+    pub draining: Option<Instant>,     // shutting down: pipes may drain until then
+}
+
+impl Handler for Core {
+    fn poll_timeout(&self, now: Instant) -> Option<Duration> {
+        if !self.requeued.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        let deadline = reactor::earliest(self.timers.next(), self.gate.deadline());
+        reactor::until(reactor::earliest(deadline, self.draining), now)
+    }
+
+    fn on_event(&mut self, event: &Event, now: Instant) {
+        self.dispatch(event.token(), Some(event), now);
+    }
+
+    fn end_turn(&mut self, now: Instant) {
+        for token in std::mem::take(&mut self.requeued) {
+            self.dispatch(token, None, now);
+        }
+        self.requeued.extend(self.gate.take_due(now));
+        self.expire(now);
+        self.reap();
+        self.publish();
+    }
+
+    /// The first signal starts a drain; a second one stops at once.
+    fn on_signal(&mut self, now: Instant) -> bool {
+        if self.draining.is_some() {
+            log::info!("second signal: stopping now");
+            return true;
+        }
+        self.begin_drain(now);
+        false
+    }
+}
+
+impl Core {
+    /// A handler for a freshly bound registration listener.
+    pub fn new(registry: Registry, config: Config, reg: TcpListener) -> io::Result<Core> {
+        Ok(Core {
+            registry,
+            pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE),
+            reg_addr: reg.local_addr()?,
+            reg: Some(reg),
+            config,
+            conns: Slab::new(),
+            timers: Timers::default(),
+            gate: AcceptGate::default(),
+            requeued: Vec::new(),
+            closing: Vec::new(),
+            held_ports: BTreeSet::new(),
+            next_id: 0,
+            census: Census::default(),
+            published: Arc::default(),
+            full: Alarm::default(),
+            crowded: Alarm::default(),
+            draining: None,
+        })
+    }
+
+    /// Copies the census to where [`super::RelayHandle::stats`] reads it.
+    fn publish(&self) {
+        let stats = Stats {
+            apps: self.census.apps,
+            pending: self.census.pending,
+            waiting_clients: self.census.waiting,
+            pipes: self.census.pipes,
+            buffers_lent: self.pool.lent(),
+        };
+        if let Ok(mut published) = self.published.lock() {
+            *published = stats;
+        }
+    }
+
+    /// Routes readiness (an event, or `None` for requeued work) to the
+    /// handler for the entry's state. Tokens of vacant entries are stale and
+    /// ignored.
+    fn dispatch(&mut self, token: Token, event: Option<&Event>, now: Instant) {
+        if token == REG_LISTENER {
+            return self.accept_from(REG_LISTENER, now);
+        }
+        let (key, sub) = split(token);
+        match (self.conns.get_mut(key), sub) {
+            // An app answering the challenge: read its answer.
+            (Some(Conn::Authenticating(applicant)), CONTROL) => {
+                if let Some(event) = event {
+                    applicant.control.note(event);
+                }
+                self.serve_applicant(key);
+            }
+            // A registered app's control connection: its requests, our lines.
+            (Some(Conn::Registering(app) | Conn::Registered(app)), CONTROL) => {
+                if let Some(event) = event {
+                    app.control.note(event);
+                }
+                self.serve_control(key);
+            }
+            // A client or a dial-in knocking on one of the app's listeners.
+            (Some(Conn::Registering(_) | Conn::Registered(_)), RELAYED | DIAL) => {
+                self.accept_from(token, now);
+            }
+            // A waiting client is not read (no peer yet); only a reset matters.
+            (Some(Conn::AwaitingDialIn(waiting)), _) => {
+                if let Some(event) = event {
+                    waiting.client.note(event);
+                    if event.is_error() && waiting.failed().is_some() {
+                        self.close(key, Ending::Gone);
+                    }
+                }
+            }
+            // A dial-in presenting its token.
+            (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
+            // A pipe: record readiness on the right side, then move bytes.
+            (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
+                if let Some(event) = event {
+                    let end = if sub == CLIENT {
+                        &mut piped.pipe.a
+                    } else {
+                        &mut piped.pipe.b
+                    };
+                    end.note(event);
+                }
+                self.pump(key, now);
+            }
+            _ => {}
+        }
+    }
+
+    /// Accepts from one listener until it is drained, the budget is spent
+    /// (then it is requeued) or descriptors run out (then the gate retries).
+    fn accept_from(&mut self, listener: Token, now: Instant) {
+        if !self.gate.is_open(now) {
+            return self.gate.starve(listener);
+        }
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(socket) = self.listener(listener) else {
+                return;
+            };
+            match reactor::accept(socket) {
+                Accepted::Conn(stream, peer) => {
+                    self.gate.succeeded();
+                    self.on_accepted(listener, stream, peer, now);
+                }
+                Accepted::Empty => return,
+                Accepted::Skip => {}
+                Accepted::Exhausted(e) => return self.gate.exhausted(now, listener, &e),
+            }
+        }
+        self.requeued.push(listener);
+    }
+
+    /// The listener behind a listener token, if it still exists.
+    fn listener(&self, listener: Token) -> Option<&TcpListener> {
+        if listener == REG_LISTENER {
+            return self.reg.as_ref();
+        }
+        let (key, sub) = split(listener);
+        match (self.conns.get(key), sub) {
+            (Some(Conn::Registering(app) | Conn::Registered(app)), RELAYED) => Some(&app.relayed),
+            (Some(Conn::Registering(app) | Conn::Registered(app)), DIAL) => Some(&app.dial),
+            _ => None,
+        }
+    }
+
+    /// Hands a new connection to the side it arrived on, unless the relay
+    /// already holds as many peer sockets as it may (then it is reset).
+    fn on_accepted(&mut self, listener: Token, stream: TcpStream, peer: SocketAddr, now: Instant) {
+        let limit = self.config.max_connections;
+        if self.census.sockets >= limit {
+            self.full
+                .raise(|| format!("connection limit ({limit}) reached: new connections are reset"));
+            return reset_on_close(&stream);
+        }
+        self.full.clear();
+        if listener == REG_LISTENER {
+            return self.admit_app(stream, peer, now);
+        }
+        match split(listener) {
+            (app, RELAYED) => self.admit_client(app, stream, peer, now),
+            (app, DIAL) => self.admit_dial_in(app, stream, peer, now),
+            _ => {}
+        }
+    }
+
+    /// Inserts an entry built by `build`, which registers its sockets under
+    /// the entry's key first: tokens and keys cannot diverge (invariant
+    /// *Tokens are keys*).
+    pub fn insert(
+        &mut self,
+        build: impl FnOnce(usize, &Registry) -> io::Result<Conn>,
+    ) -> io::Result<usize> {
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        let conn = entry.insert(build(key, &self.registry)?);
+        self.census.entered(conn);
+        log::trace!("#{key}: => {}", conn.name());
+        Ok(key)
+    }
+
+    /// A fresh identity for an entry with a timer.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Replaces an entry's state with `f(old)`, logging `A => B`. The one
+    /// place states change, so the census cannot drift.
+    pub fn transition(&mut self, key: usize, f: impl FnOnce(Conn) -> Conn) {
+        let Some(slot) = self.conns.get_mut(key) else {
+            return;
+        };
+        let old = std::mem::replace(slot, Conn::Closed);
+        self.census.left(&old);
+        let from = old.name();
+        *slot = f(old);
+        self.census.entered(slot);
+        log::trace!("#{key}: {from} => {}", slot.name());
+    }
+
+    /// Takes an entry's state out, leaving a placeholder to be reaped: for
+    /// an entry whose socket moves into another entry.
+    pub fn take(&mut self, key: usize) -> Option<Conn> {
+        let mut taken = None;
+        self.transition(key, |conn| {
+            taken = Some(conn);
+            Conn::Closed
+        });
+        self.closing.push((key, Ending::Done));
+        taken
+    }
+
+    /// Fires due timers. A timer carries its entry's identity: one that
+    /// outlived its entry (paired, closed, reused slot) finds another id.
+    fn expire(&mut self, now: Instant) {
+        while let Some((key, id)) = self.timers.pop_due(now) {
+            let Some(conn) = self.conns.get(key).filter(|c| c.timer_id() == Some(id)) else {
+                continue;
+            };
+            match conn {
+                Conn::Piping(_) => self.check_idle(key, now),
+                Conn::Authenticating(a) => {
+                    log::debug!("app {} did not authenticate in time", a.control.peer);
+                    self.close(key, Ending::TimedOut);
+                }
+                _ => self.close(key, Ending::TimedOut),
+            }
+        }
+    }
+
+    /// Schedules an entry to close at the end of the turn. A waiting client
+    /// leaves its app's queue now, so no dial-in is paired with it meanwhile.
+    pub fn close(&mut self, key: usize, ending: Ending) {
+        if let Some(Conn::AwaitingDialIn(waiting)) = self.conns.get(key) {
+            let app = waiting.app;
+            if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
+                app.waiting.retain(|&k| k != key);
+            }
+        }
+        self.closing.push((key, ending));
+    }
+
+    /// Removes the entries closed this turn and releases what they held.
+    fn reap(&mut self) {
+        while let Some((key, ending)) = self.closing.pop() {
+            // A key may be listed twice in one turn; the second finds it gone.
+            let Some(conn) = self.conns.try_remove(key) else {
+                continue;
+            };
+            self.census.left(&conn);
+            log::trace!("#{key}: {} => closed", conn.name());
+            match conn {
+                Conn::Authenticating(mut applicant) => {
+                    let _ = self.registry.deregister(&mut applicant.control.stream);
+                }
+                Conn::Registering(app) | Conn::Registered(app) => self.retire_app(app, ending),
+                Conn::AwaitingDialIn(mut waiting) => {
+                    let _ = self.registry.deregister(&mut waiting.client.stream);
+                    log::debug!("client {} closed: {ending}", waiting.peer);
+                }
+                Conn::Presenting(mut presenter) => {
+                    reset_on_close(&presenter.stream);
+                    let _ = self.registry.deregister(&mut presenter.stream);
+                }
+                Conn::Piping(piped) => self.retire_pipe(piped, ending),
+                Conn::Closed => {}
+            }
+        }
+    }
+
+    /// Closes an app's listeners at once (its port can be registered again)
+    /// and its waiting clients; its established pipes run on.
+    fn retire_app(&mut self, mut app: App, ending: Ending) {
+        let _ = self.registry.deregister(&mut app.control.stream);
+        let _ = self.registry.deregister(&mut app.relayed);
+        let _ = self.registry.deregister(&mut app.dial);
+        self.held_ports.remove(&app.relayed_port);
+        log::info!(
+            "app {} gone ({ending}); relayed port {} closed, {} waiting clients closed",
+            app.control.peer,
+            app.relayed_port,
+            app.waiting.len()
+        );
+        for key in app.waiting.drain(..) {
+            self.closing.push((key, Ending::AppGone));
+        }
+    }
+
+    fn retire_pipe(&mut self, mut piped: Piped, ending: Ending) {
+        let pipe = &mut piped.pipe;
+        if ending.is_abort() {
+            pipe.abort(&mut self.pool);
+        } else {
+            pipe.release(&mut self.pool);
+        }
+        let _ = self.registry.deregister(&mut pipe.a.stream);
+        let _ = self.registry.deregister(&mut pipe.b.stream);
+        match ending {
+            Ending::Failed(e) => log::debug!("pipe closed on error: {e}"),
+            ending => log::debug!("pipe closed: {ending}"),
+        }
+    }
+
+    /// Graceful shutdown: no new apps or clients (every listener closes now,
+    /// with every app and waiting client), while open pipes drain until the
+    /// grace period ends.
+    fn begin_drain(&mut self, now: Instant) {
+        let grace = self.config.grace;
+        self.draining = Some(now + grace);
+        if let Some(mut reg) = self.reg.take() {
+            let _ = self.registry.deregister(&mut reg);
+        }
+        let apps: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c, Conn::Piping(_) | Conn::Closed))
+            .map(|(key, _)| key)
+            .collect();
+        for key in apps {
+            self.close(key, Ending::Shutdown);
+        }
+        log::info!(
+            "shutting down: ports closed, {} pipes may drain for up to {grace:?}",
+            self.census.pipes
+        );
+    }
+
+    /// Whether a drain is over: every pipe done, or the grace period spent.
+    pub fn drained(&self) -> bool {
+        let Some(deadline) = self.draining else {
+            return false;
+        };
+        if self.census.pipes == 0 {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            log::info!("grace period over: closing {} pipes", self.census.pipes);
+            return true;
+        }
+        false
+    }
+}

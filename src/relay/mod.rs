@@ -1,0 +1,187 @@
+//! The relay: its public face ([`Relay`], [`RelayHandle`], [`Stats`]) and
+//! the handler the reactor drives, split by concern:
+//!
+//! * `core`: the handler itself: dispatch by state, accepting, transitions,
+//!   timers, deferred close and reaping, draining on shutdown;
+//! * `apps`: the app side: authentication, registration, relayed ports,
+//!   `port` requests;
+//! * `clients`: the client side: admitting clients, dial-ins and their
+//!   tokens, pairing, and pumping pipes.
+
+mod apps;
+mod clients;
+mod core;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use mio::Interest;
+use mio::net::TcpListener;
+
+use self::core::{Core, REG_LISTENER};
+use crate::config::Config;
+use crate::reactor::{Reactor, Stopper};
+
+/// What the relay holds right now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Registered apps (each with a control connection and two listeners).
+    pub apps: usize,
+    /// Connections still proving themselves: apps answering the challenge,
+    /// dial-ins presenting their token.
+    pub pending: usize,
+    /// Clients waiting for a dial-in.
+    pub waiting_clients: usize,
+    /// Client/dial-in pairs being piped.
+    pub pipes: usize,
+    /// Ring buffers lent out (only pipes with bytes in flight hold one).
+    pub buffers_lent: usize,
+}
+
+impl Stats {
+    /// Client-side connections held: waiting clients plus both ends of pipes.
+    pub fn client_connections(&self) -> usize {
+        self.waiting_clients + 2 * self.pipes
+    }
+}
+
+/// Controls a running relay from any thread.
+#[derive(Clone)]
+pub struct RelayHandle {
+    stopper: Stopper,
+    published: Arc<Mutex<Stats>>,
+    reg_addr: SocketAddr,
+}
+
+impl RelayHandle {
+    /// Asks the relay's loop to return at once. Its sockets close when the
+    /// [`Relay`] is dropped. (SIGINT/SIGTERM, after
+    /// [`Relay::stop_on_signals`], drain first instead.)
+    pub fn stop(&self) {
+        self.stopper.stop();
+    }
+
+    /// Counts of what the relay holds, as of its last completed turn (a
+    /// consistent snapshot: never half of a transition).
+    pub fn stats(&self) -> Stats {
+        match self.published.lock() {
+            Ok(stats) => *stats,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// The address apps register on.
+    pub fn reg_addr(&self) -> SocketAddr {
+        self.reg_addr
+    }
+}
+
+/// A bound relay, ready to [`run`](Relay::run).
+pub struct Relay {
+    reactor: Reactor, // the poll this relay runs on
+    core: Core,       // everything the handler owns
+}
+
+impl Relay {
+    /// Binds the registration port. Fails with a message naming the address.
+    pub fn bind(config: Config) -> io::Result<Relay> {
+        let reactor = Reactor::new()?;
+        let addr = SocketAddr::new(config.bind, config.reg_port);
+        let mut reg = TcpListener::bind(addr)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+        reactor
+            .registry()
+            .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
+        let core = Core::new(reactor.registry().try_clone()?, config, reg)?;
+        Ok(Relay { reactor, core })
+    }
+
+    /// The registration address (with the real port when bound to port 0).
+    pub fn reg_addr(&self) -> SocketAddr {
+        self.core.reg_addr
+    }
+
+    /// A handle to stop and observe the relay from another thread.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            stopper: self.reactor.stopper(),
+            published: self.core.published.clone(),
+            reg_addr: self.core.reg_addr,
+        }
+    }
+
+    /// Makes SIGINT and SIGTERM shut the relay down gracefully: stop
+    /// accepting, close every app and its ports, let open pipes drain for
+    /// the grace period, then return. A second signal returns at once.
+    pub fn stop_on_signals(&mut self) -> io::Result<()> {
+        self.reactor.stop_on_signals()
+    }
+
+    /// Runs the reactor on this thread until [`RelayHandle::stop`], or until
+    /// a shutdown begun by a signal has drained.
+    pub fn run(mut self) -> io::Result<()> {
+        let config = &self.core.config;
+        log::info!(
+            "listening for apps on {} (relay style {}, dial-in timeout {:?}{})",
+            self.core.reg_addr,
+            config.relay_style,
+            config.dial_in_timeout,
+            if config.secret.is_some() {
+                ", secret required"
+            } else {
+                ""
+            }
+        );
+        self.reactor
+            .run_while(&mut self.core, |core| !core.drained())?;
+        log::info!("relay stopped");
+        Ok(())
+    }
+
+    /// Runs the relay on a thread of its own, for tests, benchmarks and
+    /// programs that embed it. The relay stops when the result is dropped.
+    pub fn spawn(self) -> io::Result<RunningRelay> {
+        let handle = self.handle();
+        let thread = thread::Builder::new()
+            .name("tcp-relay".into())
+            .spawn(move || self.run())?;
+        Ok(RunningRelay {
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A relay running on its own thread; dropping it stops the relay.
+pub struct RunningRelay {
+    handle: RelayHandle,
+    thread: Option<thread::JoinHandle<io::Result<()>>>,
+}
+
+impl RunningRelay {
+    /// The handle to observe (or stop) the relay.
+    pub fn handle(&self) -> &RelayHandle {
+        &self.handle
+    }
+
+    /// The address apps register on.
+    pub fn reg_addr(&self) -> SocketAddr {
+        self.handle.reg_addr
+    }
+
+    /// Counts of what the relay holds.
+    pub fn stats(&self) -> Stats {
+        self.handle.stats()
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        self.handle.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
