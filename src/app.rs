@@ -542,7 +542,7 @@ impl Core {
         let mut lines = String::new();
         if let Some(nonce) = nonce {
             let Some(secret) = &self.config.secret else {
-                let needed = "the relay requires a secret (--secret or TCP_RELAY_SECRET)";
+                let needed = "it requires a secret and we have none (--secret or TCP_RELAY_SECRET)";
                 return self.give_up(AgentError::Refused(needed.into()));
             };
             lines += &auth_line(&auth::response(&secret.0, nonce));

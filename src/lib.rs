@@ -14,24 +14,33 @@
 //! states of [`state::Conn`]:
 //!
 //! ```text
-//! app:     accept ─► Registering ─► Registered ─► closed  (its ports close with it)
-//! client:  accept ─► AwaitingDialIn ─► Piping ─► closed
-//!                        └─ timeout / app gone ─► closed
+//! app:      accept ─► [Authenticating] ─► Registering ─► Registered ─► closed
+//!                      (with a secret)                  (its ports close with it)
+//! client:   accept ─► AwaitingDialIn ─► Piping ─► closed
+//!                         └─ timeout / app gone ─► closed
+//! dial-in:  accept ─► [Presenting] ─► joins its client's entry (or closed)
+//!                     (with a secret: reads the token)
 //! ```
 //!
 //! An app entry owns its control connection, its relayed listener and its
 //! dial-in listener. A client entry owns the client socket and, once paired,
 //! the dial-in: pairing turns `AwaitingDialIn` into `Piping` in place, so the
-//! client keeps its slab key and token.
+//! client keeps its slab key and token. Without a secret a dial-in must come
+//! from the app's address and is paired with the oldest waiting client; with
+//! a secret it presents the one-time token of the client it was made for
+//! ([`auth`]).
 //!
 //! ## The loop
 //!
-//! One thread, one `mio::Poll`, edge-triggered ([`reactor::run`]). A turn
+//! One thread, one `mio::Poll`, edge-triggered ([`reactor::Reactor`]). A turn
 //! waits for events no longer than the nearest deadline, dispatches each
 //! event to the entry its token names, then runs requeued work, fires
 //! expired timers and finally reaps the entries closed during the turn.
-//! The relay's handler is [`relay`]; the sample app's is [`app`]; both move
-//! bytes with the same [`pipe::Direction`].
+//! The relay's handler is in [`relay`] (split into its core, its app side
+//! and its client side); the app side ([`app`]: the `expose` agent and the
+//! sample echo app) has its own; both move bytes with the same
+//! [`pipe::Direction`]. [`relayed`] offers a blocking, `TcpListener`-like
+//! API for custom apps.
 //!
 //! ## Token scheme
 //!
@@ -77,6 +86,9 @@
 //!    relayed and dial-in listeners close at once and waiting clients are
 //!    closed; established pipes run on.
 //! 10. **The relay never dials.** Every socket the relay holds was accepted.
+//! 11. **Secrets stay secret.** The shared secret never crosses the wire
+//!     (only HMACs over fresh nonces do) and never reaches a log or a
+//!     `Debug` output; tokens are compared in constant time.
 //!
 //! ## Using the library
 //!

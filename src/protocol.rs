@@ -19,6 +19,18 @@
 //! `error <REASON>\n`, after which the relay closes the control connection.
 //! The relay ignores app lines it does not know, as the original did.
 //!
+//! With a shared secret (`serve --secret`), the relay speaks first with a
+//! challenge, and every dial-in proves which client it is for
+//! ([`crate::auth`] has the cryptography):
+//!
+//! ```text
+//! relay → app   challenge <64 hex digits>\n     a fresh 32-byte nonce
+//! app → relay   auth <64 hex digits>\n          HMAC-SHA256(secret, DOMAIN ‖ nonce)
+//! relay → app   established relay address port:<PORT>\n   (or `error secret refused`)
+//! relay → app   <DIAL_PORT> <32 hex digits>\n   a one-time token per client
+//! dial-in → relay  <32 hex digits>\n            the token, first thing on the dial-in
+//! ```
+//!
 //! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
 //! reader tolerates a `\r` before it. Nothing here touches a socket, so the
 //! parser is tested (and fuzzable) on bytes alone.

@@ -113,7 +113,6 @@ impl Core {
         };
         let secret = self.config.secret.as_ref().map_or(&[][..], |s| &s.0[..]);
         if !auth::verify(secret, &applicant.nonce, answer) {
-            log::warn!("app {} refused: wrong secret", applicant.control.peer);
             return self.refuse(key, "secret refused");
         }
         let (mut relayed, mut dial, ports) = match self.open_listeners() {
