@@ -178,7 +178,7 @@ pub enum ProtocolError {
     Unexpected(String),
     /// A port field is not a decimal number in 1..=65535.
     BadPort(String),
-    /// A line grew past [`MAX_LINE`] bytes without a terminator.
+    /// A line grew past the reader's limit ([`MAX_LINE`] by default).
     LineTooLong,
 }
 
@@ -197,7 +197,9 @@ impl std::error::Error for ProtocolError {}
 /// Parses a decimal port in 1..=65535: digits only, as the relay writes it.
 pub fn parse_port(field: &str) -> Result<u16, ProtocolError> {
     let bad = || ProtocolError::BadPort(truncated(field));
-    if field.is_empty() || field.len() > 5 || !field.bytes().all(|b| b.is_ascii_digit()) {
+    // Canonical form only: no sign, no padding (a leading zero), no spaces.
+    let canonical = !field.is_empty() && field.len() <= 5 && !field.starts_with('0');
+    if !canonical || !field.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     match field.parse::<u16>() {
@@ -316,7 +318,7 @@ mod tests {
     #[test]
     fn bad_ports_are_refused() {
         for field in [
-            "", "0", "65536", "99999", "-1", "+80", " 80", "80 ", "8o", "0x50", "123456",
+            "", "0", "65536", "99999", "-1", "+80", " 80", "80 ", "8o", "0x50", "123456", "080",
         ] {
             assert!(parse_port(field).is_err(), "{field:?} must not parse");
         }
