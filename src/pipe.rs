@@ -229,6 +229,7 @@ pub struct Pipe {
     pub b: Endpoint,   // the side that joined it (the app's dial-in)
     a_to_b: Direction, // bytes read from a, written to b
     b_to_a: Direction, // bytes read from b, written to a
+    broken: bool,      // a pump failed: the pipe is dead for good
 }
 
 impl Pipe {
@@ -239,6 +240,7 @@ impl Pipe {
             b,
             a_to_b: Direction::default(),
             b_to_a: Direction::default(),
+            broken: false,
         }
     }
 
@@ -262,7 +264,22 @@ impl Pipe {
     }
 
     /// Pumps both directions once.
+    ///
+    /// A failure is sticky: Linux reports a reset to one read only, and the
+    /// next read of that socket returns 0, which a second pump (another event
+    /// in the same turn, before the close is reaped) would take for an
+    /// orderly end and carry on as a FIN, making a cut-short stream look
+    /// complete. So once broken, a pipe only ever says so again.
     pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
+        if self.broken {
+            return Err(Broken::Reset);
+        }
+        let result = self.pump_both(pool);
+        self.broken = result.is_err();
+        result
+    }
+
+    fn pump_both(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
         let (a, b) = (&mut self.a, &mut self.b);
         let ab = self
             .a_to_b
@@ -297,6 +314,7 @@ impl Pipe {
 pub struct Echo {
     pub end: Endpoint,
     back: Direction,
+    broken: bool, // a pump failed: sticky, as for a pipe
 }
 
 impl Echo {
@@ -305,20 +323,25 @@ impl Echo {
         Echo {
             end,
             back: Direction::default(),
+            broken: false,
         }
     }
 
     /// Pumps once; `Done` after the peer's EOF has been echoed and our write
     /// half shut.
     pub fn pump(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
-        let end = &mut self.end;
-        let flow = self
-            .back
-            .pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool)?;
-        if end.tx.shut {
-            return Ok(Flow::Done);
+        if self.broken {
+            return Err(Broken::Reset);
         }
-        Ok(flow)
+        let end = &mut self.end;
+        let result = self
+            .back
+            .pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool);
+        self.broken = result.is_err();
+        match result? {
+            _ if end.tx.shut => Ok(Flow::Done),
+            flow => Ok(flow),
+        }
     }
 
     /// Returns any buffer to the pool.

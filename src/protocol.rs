@@ -31,6 +31,13 @@
 //! dial-in → relay  <32 hex digits>\n            the token, first thing on the dial-in
 //! ```
 //!
+//! A second extension, also only for apps that ask: `ready <N>\n` (N at most
+//! [`MAX_READY`]) makes the relay keep N dial-ins of that app ready, so a new
+//! client is paired at once instead of after a dial-in round trip. The relay
+//! asks for them with ordinary dial lines. Every dial-in of such an app then
+//! receives one `\n` from the relay when a client is handed to it (so an app
+//! knows when to connect to its service); the client's bytes follow.
+//!
 //! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
 //! reader tolerates a `\r` before it. Nothing here touches a socket, so the
 //! parser is tested (and fuzzable) on bytes alone.
@@ -118,6 +125,8 @@ pub enum AppLine {
     Port(u16),
     /// `auth <HEX>`: the answer to the challenge.
     Auth(Vec<u8>),
+    /// `ready <N>`: keep N dial-ins ready for my next clients.
+    Ready(usize),
     /// Anything else: ignored, as the original relay ignored everything.
     Other,
 }
@@ -129,10 +138,41 @@ pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
             .map(AppLine::Auth)
             .ok_or_else(|| ProtocolError::Unexpected(truncated(line)));
     }
+    if let Some(count) = line.strip_prefix(READY_PREFIX) {
+        return parse_ready(count).map(AppLine::Ready);
+    }
     match line.strip_prefix(PORT_PREFIX) {
         Some(port) => parse_port(port).map(AppLine::Port),
         None => Ok(AppLine::Other),
     }
+}
+
+/// Most dial-ins an app may keep ready: enough to hide the dial-in round
+/// trip from a burst of clients, few enough that an app cannot make the
+/// relay hold many idle sockets for it.
+pub const MAX_READY: usize = 64;
+
+/// Prefix of the app's request for ready dial-ins.
+const READY_PREFIX: &str = "ready ";
+
+/// The extension line asking the relay to keep `count` dial-ins ready.
+pub fn ready_line(count: usize) -> String {
+    format!("{READY_PREFIX}{count}\n")
+}
+
+/// Parses the count of a `ready` request: 0..=[`MAX_READY`], canonical.
+fn parse_ready(field: &str) -> Result<usize, ProtocolError> {
+    let bad = || ProtocolError::Unexpected(format!("ready {}", truncated(field)));
+    let canonical =
+        field == "0" || (!field.is_empty() && field.len() <= 2 && !field.starts_with('0'));
+    if !canonical || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    field
+        .parse()
+        .ok()
+        .filter(|&n| n <= MAX_READY)
+        .ok_or_else(bad)
 }
 
 /// A line the relay sent to an app.
@@ -344,6 +384,24 @@ mod tests {
         assert!(parse_app_line("port 70000").is_err());
         assert_eq!(parse_app_line("hello"), Ok(AppLine::Other));
         assert_eq!(parse_app_line(""), Ok(AppLine::Other));
+    }
+
+    #[test]
+    fn ready_requests_parse_within_bounds() {
+        assert_eq!(ready_line(8), "ready 8\n");
+        assert_eq!(parse_app_line("ready 8"), Ok(AppLine::Ready(8)));
+        assert_eq!(parse_app_line("ready 0"), Ok(AppLine::Ready(0)));
+        assert_eq!(parse_app_line("ready 64"), Ok(AppLine::Ready(MAX_READY)));
+        for bad in [
+            "ready 65",
+            "ready 08",
+            "ready -1",
+            "ready ",
+            "ready x",
+            "ready 100",
+        ] {
+            assert!(parse_app_line(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub enum Conn {
     AwaitingDialIn(Waiting),
     /// A dial-in that must present its client's token first.
     Presenting(Presenter),
+    /// A dial-in kept ready for the next client.
+    Standby(Spare),
     /// A client and its dial-in, piped both ways.
     Piping(Piped),
     /// Placeholder; never seen by a handler.
@@ -72,6 +74,7 @@ impl Conn {
             Conn::Registered(_) => "Registered",
             Conn::AwaitingDialIn(_) => "AwaitingDialIn",
             Conn::Presenting(_) => "Presenting",
+            Conn::Standby(_) => "Standby",
             Conn::Piping(_) => "Piping",
             Conn::Closed => "Closed",
         }
@@ -197,23 +200,25 @@ pub struct Applicant {
     pub control: Control,          // its control connection
     pub nonce: [u8; NONCE_LEN],    // the challenge it must answer
     pub answered: Option<Vec<u8>>, // its `auth` answer, once read
-    pub early: Vec<String>,        // lines sent after the answer, kept for the app
+    pub early: Requests,           // requests sent right after the answer
     pub id: u64,                   // identity, for its registration timer
 }
 
 /// A registered app: its control connection and the two listeners opened
 /// for it. They live and die together (invariant *An app owns its ports*).
 pub struct App {
-    pub control: Control,         // the connection it registered on
-    pub relayed: TcpListener,     // the public port clients connect to
-    pub relayed_port: u16,        // its number, announced in the established line
-    pub dial: TcpListener,        // where the app dials in, one connection per client
-    pub dial_port: u16,           // its number, sent in every dial line
-    pub waiting: VecDeque<usize>, // keys of clients awaiting a dial-in, oldest first
-    pub refusing: bool,           // clients are being refused (logged once per episode)
-    pub request: Option<Result<u16, ProtocolError>>, // a `port` request not yet answered
-    pub refused: bool,            // a request was refused: close once the outbox is out
-    ignored_lines: u64,           // lines this relay has no meaning for
+    pub control: Control,             // the connection it registered on
+    pub relayed: TcpListener,         // the public port clients connect to
+    pub relayed_port: u16,            // its number, announced in the established line
+    pub dial: TcpListener,            // where the app dials in, one connection per client
+    pub dial_port: u16,               // its number, sent in every dial line
+    pub waiting: VecDeque<usize>,     // keys of clients awaiting a dial-in, oldest first
+    pub refusing: bool,               // clients are being refused (logged once per episode)
+    pub requests: Requests,           // what the app asked for, not yet acted on
+    pub ready: usize,                 // dial-ins to keep ready (the `ready` extension)
+    pub spares: VecDeque<usize>,      // keys of ready dial-ins, oldest first
+    pub spares_asked: usize,          // dial lines sent for spares, not yet dialled
+    pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret)
 }
 
 impl App {
@@ -232,54 +237,53 @@ impl App {
             dial_port: ports.1,
             waiting: VecDeque::new(),
             refusing: false,
-            request: None,
-            refused: false,
-            ignored_lines: 0,
+            requests: Requests::default(),
+            ready: 0,
+            spares: VecDeque::new(),
+            spares_asked: 0,
+            spare_tokens: Vec::new(),
         }
     }
 
-    /// Reads what the app sent. The original protocol has no app-to-relay
-    /// lines; a `port` request (the one extension) is kept in `request`,
-    /// other lines are counted and ignored (logged once).
+    /// Reads what the app sent into `requests`.
     pub fn read_control(&mut self) -> Result<Flow, Ending> {
-        let (peer, ignored, request) = (
-            self.control.peer,
-            &mut self.ignored_lines,
-            &mut self.request,
-        );
-        self.control
-            .read_lines(|line| take_line(line, peer, ignored, request))
+        let (peer, requests) = (self.control.peer, &mut self.requests);
+        self.control.read_lines(|line| requests.take(line, peer))
     }
 
-    /// Handles lines that arrived with the authentication answer.
-    pub fn take_early_lines(&mut self, lines: Vec<String>) {
-        for line in lines {
-            take_line(
-                &line,
-                self.control.peer,
-                &mut self.ignored_lines,
-                &mut self.request,
-            );
-        }
+    /// Whether the app asked for ready dial-ins: each dial-in it makes then
+    /// gets a `\n` from the relay when a client is handed to it.
+    pub fn wants_go_signal(&self) -> bool {
+        self.ready > 0
     }
 }
 
-/// One line from a registered app: a `port` request is kept (the last one
-/// wins); an `auth` after registration or an unknown line is ignored.
-fn take_line(
-    line: &str,
-    peer: SocketAddr,
-    ignored: &mut u64,
-    request: &mut Option<Result<u16, ProtocolError>>,
-) {
-    match parse_app_line(line) {
-        Ok(AppLine::Port(port)) => *request = Some(Ok(port)),
-        Err(e) if line.starts_with("port ") => *request = Some(Err(e)),
-        _ => {
-            if *ignored == 0 {
-                log::info!("app {peer} sent {line:.64?}; ignored (not a line this relay knows)");
+/// Requests an app made and the relay has not acted on yet. The original
+/// protocol has no app-to-relay lines; the extensions are `port` and
+/// `ready`. Other lines are counted and ignored (the first is logged).
+#[derive(Default)]
+pub struct Requests {
+    pub port: Option<Result<u16, ProtocolError>>, // `port N` (the last one wins)
+    pub ready: Option<Result<usize, ProtocolError>>, // `ready N` (the last one wins)
+    ignored: u64,                                 // lines this relay does not know
+}
+
+impl Requests {
+    /// Takes one line from the app.
+    pub fn take(&mut self, line: &str, peer: SocketAddr) {
+        match parse_app_line(line) {
+            Ok(AppLine::Port(port)) => self.port = Some(Ok(port)),
+            Ok(AppLine::Ready(n)) => self.ready = Some(Ok(n)),
+            Err(e) if line.starts_with("port ") => self.port = Some(Err(e)),
+            Err(e) if line.starts_with("ready ") => self.ready = Some(Err(e)),
+            _ => {
+                if self.ignored == 0 {
+                    log::info!(
+                        "app {peer} sent {line:.64?}; ignored (not a line this relay knows)"
+                    );
+                }
+                self.ignored += 1;
             }
-            *ignored += 1;
         }
     }
 }
@@ -310,6 +314,14 @@ pub struct Presenter {
     pub line: [u8; TOKEN_LINE_LEN], // the token line so far
     pub got: usize,                 // bytes of it read
     pub id: u64,                    // identity, for its timer
+}
+
+/// A dial-in kept ready for the next client of its app (the `ready`
+/// extension). Not read: bytes a server-first app sends wait in the kernel
+/// for the client; only its death is watched for, with `peek`.
+pub struct Spare {
+    pub stream: TcpStream, // the dial-in
+    pub app: usize,        // slab key of its app
 }
 
 /// A client and its dial-in, piped; with what the idle timer needs.

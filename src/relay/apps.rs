@@ -17,11 +17,7 @@ use crate::protocol::{
 };
 use crate::reactor::token;
 use crate::sockio::{keep_alive, write_slice};
-use crate::state::{App, Applicant, Conn, Control, Ending};
-
-/// Lines an app may send after its `auth` answer, before it is registered;
-/// the rest are dropped (an honest app sends at most a `port` request).
-const EARLY_LINES_MAX: usize = 4;
+use crate::state::{App, Applicant, Conn, Control, Ending, Requests};
 
 impl Core {
     /// A connection on the registration port: challenge it (with a secret)
@@ -62,7 +58,7 @@ impl Core {
                 control,
                 nonce,
                 answered: None,
-                early: Vec::new(),
+                early: Requests::default(),
                 id,
             }))
         });
@@ -80,13 +76,11 @@ impl Core {
         let Some(Conn::Authenticating(applicant)) = self.conns.get_mut(key) else {
             return;
         };
+        let peer = applicant.control.peer;
         let (answered, early) = (&mut applicant.answered, &mut applicant.early);
         let read = applicant.control.read_lines(|line| {
             if answered.is_some() {
-                if early.len() < EARLY_LINES_MAX {
-                    early.push(line.to_owned());
-                }
-                return;
+                return early.take(line, peer);
             }
             // Anything but a well-formed `auth` line is a wrong answer.
             *answered = Some(match parse_app_line(line) {
@@ -126,7 +120,7 @@ impl Core {
             Conn::Authenticating(applicant) => {
                 let mut app = App::new(applicant.control, relayed, dial, ports);
                 app.control.queue(&established_line(ports.0));
-                app.take_early_lines(applicant.early);
+                app.requests = applicant.early;
                 Conn::Registering(app)
             }
             other => other,
@@ -229,8 +223,12 @@ impl Core {
             return;
         };
         let read = app.read_control();
-        if let Some(request) = app.request.take() {
+        let (port, ready) = (app.requests.port.take(), app.requests.ready.take());
+        if let Some(request) = port {
             self.answer_port_request(key, request);
+        }
+        if let Some(request) = ready {
+            self.answer_ready(key, request);
         }
         let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
             return;
@@ -295,6 +293,25 @@ impl Core {
             "app {} moved to relayed port {port} at its request; port {old} closed",
             app.control.peer
         );
+    }
+
+    /// The `ready` extension: keep this many dial-ins of the app ready. Any
+    /// spares beyond a lowered count are closed; the rest are asked for.
+    fn answer_ready(&mut self, key: usize, request: Result<usize, ProtocolError>) {
+        let count = match request {
+            Ok(count) => count,
+            Err(e) => return self.refuse(key, &format!("bad ready request: {e}")),
+        };
+        let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
+            return;
+        };
+        app.ready = count;
+        let extra: Vec<usize> = app.spares.iter().skip(count).copied().collect();
+        log::debug!("app {} keeps {count} dial-ins ready", app.control.peer);
+        for spare in extra {
+            self.close(spare, Ending::Done);
+        }
+        self.top_up(key);
     }
 
     /// Answers an app (authenticating or registered) with an error line and

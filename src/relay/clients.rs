@@ -13,8 +13,8 @@ use crate::auth::{DialToken, TOKEN_LINE_LEN};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe};
 use crate::protocol::{dial_line, parse_token_line};
 use crate::reactor::token;
-use crate::sockio::{Io, read_slice, reset_on_close};
-use crate::state::{Conn, Ending, Piped, Presenter, Waiting};
+use crate::sockio::{Io, read_slice, reset_on_close, write_slice};
+use crate::state::{Conn, Ending, Piped, Presenter, Spare, Waiting};
 
 impl Core {
     /// A client on an app's relayed port: queue it and ask the app to dial
@@ -50,6 +50,7 @@ impl Core {
             return reset_on_close(&stream);
         }
         app.refusing = false;
+        let spare = app.spares.pop_front();
         let (line, relayed_port) = (
             dial_line(app.dial_port, dial_token.as_ref()),
             app.relayed_port,
@@ -71,6 +72,12 @@ impl Core {
             Ok(key) => key,
             Err(e) => return log::warn!("client {peer} dropped: cannot register: {e}"),
         };
+        if let Some(Conn::Standby(spare)) = spare.and_then(|spare| self.take(spare)) {
+            log::debug!("client {peer} on port {relayed_port}: handed a ready dial-in");
+            self.pair(key, spare.stream, true, now);
+            self.top_up(app_key);
+            return self.serve_control(app_key);
+        }
         self.timers.add(now + self.config.dial_in_timeout, key, id);
         if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
             app.waiting.push_back(key);
@@ -119,11 +126,11 @@ impl Core {
             );
             return reset_on_close(&stream);
         }
-        let Some(client) = app.waiting.pop_front() else {
-            return log::debug!("dial-in from {peer} closed: no client is waiting");
-        };
         let _ = stream.set_nodelay(true);
-        self.pair(client, stream, false, now);
+        match app.waiting.pop_front() {
+            Some(client) => self.pair(client, stream, false, now),
+            None => self.stand_by(app_key, stream, false),
+        }
     }
 
     /// Reads a presenting dial-in's token line, never a byte past it (bytes
@@ -141,13 +148,114 @@ impl Core {
             }
         }
         let (app_key, peer) = (presenter.app, presenter.peer);
-        let client = parse_token_line(&presenter.line).and_then(|t| self.claim(app_key, &t));
-        let Some(client) = client else {
-            log::debug!("dial-in from {peer} refused: wrong or used token");
+        let Some(token) = parse_token_line(&presenter.line) else {
+            log::debug!("dial-in from {peer} refused: not a token");
             return self.close(key, Ending::Refused);
         };
-        if let Some(Conn::Presenting(presenter)) = self.take(key) {
-            self.pair(client, presenter.stream, true, now);
+        let client = self.claim(app_key, &token);
+        let spare = client.is_none() && self.claim_spare(app_key, &token);
+        if client.is_none() && !spare {
+            log::debug!("dial-in from {peer} refused: wrong or used token");
+            return self.close(key, Ending::Refused);
+        }
+        let Some(Conn::Presenting(presenter)) = self.take(key) else {
+            return;
+        };
+        let _ = presenter.stream.set_nodelay(true);
+        match client {
+            Some(client) => self.pair(client, presenter.stream, true, now),
+            None => self.stand_by(app_key, presenter.stream, true),
+        }
+    }
+
+    /// Forgets a token the relay sent for a ready dial-in; whether it was one.
+    fn claim_spare(&mut self, app_key: usize, token: &DialToken) -> bool {
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return false;
+        };
+        let Some(at) = app.spare_tokens.iter().position(|t| t.matches(token)) else {
+            return false;
+        };
+        app.spare_tokens.swap_remove(at);
+        true
+    }
+
+    /// A dial-in with no client to pair: keep it ready if its app asked for
+    /// ready dial-ins and has room for one more, else close it.
+    fn stand_by(&mut self, app_key: usize, mut stream: TcpStream, registered: bool) {
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        app.spares_asked = app.spares_asked.saturating_sub(1);
+        if app.spares.len() >= app.ready {
+            return log::debug!("dial-in closed: no client is waiting");
+        }
+        let inserted = self.insert(|key, registry| {
+            let moved = if registered {
+                registry.reregister(&mut stream, token(key, 0), Interest::READABLE)
+            } else {
+                registry.register(&mut stream, token(key, 0), Interest::READABLE)
+            };
+            moved.map(|()| {
+                Conn::Standby(Spare {
+                    stream,
+                    app: app_key,
+                })
+            })
+        });
+        if let (Ok(key), Some(app)) = (
+            inserted,
+            self.conns.get_mut(app_key).and_then(Conn::app_mut),
+        ) {
+            app.spares.push_back(key);
+        }
+    }
+
+    /// Asks the app for as many dial-ins as it wants ready, beyond those it
+    /// has and those already asked for. Queues the lines; callers flush.
+    pub(super) fn top_up(&mut self, app_key: usize) {
+        let secret = self.config.secret.is_some();
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        let wanted = app
+            .ready
+            .saturating_sub(app.spares.len() + app.spares_asked);
+        for _ in 0..wanted {
+            let token = if secret {
+                DialToken::random().ok()
+            } else {
+                None
+            };
+            if (secret && token.is_none()) || !app.control.has_room(80) {
+                break;
+            }
+            app.control.queue(&dial_line(app.dial_port, token.as_ref()));
+            app.spare_tokens.extend(token);
+            app.spares_asked += 1;
+        }
+    }
+
+    /// A ready dial-in became readable: data a server-first app sent (kept
+    /// for the client), or its end. `peek` tells which without consuming a
+    /// byte; a dead one is closed and replaced, never handed a client.
+    pub(super) fn check_spare(&mut self, key: usize) {
+        let Some(Conn::Standby(spare)) = self.conns.get(key) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let dead = match spare.stream.peek(&mut byte) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        };
+        if dead {
+            let app_key = spare.app;
+            self.close(key, Ending::Gone);
+            self.top_up(app_key);
+            self.serve_control(app_key);
         }
     }
 
@@ -172,6 +280,11 @@ impl Core {
     /// A dial-in that presented a token is already registered (under its
     /// own entry's token) and moves to the client's.
     fn pair(&mut self, key: usize, mut dial_in: TcpStream, registered: bool, now: Instant) {
+        if self.wants_go_signal(key) && !matches!(write_slice(&dial_in, b"\n"), Io::Moved(1)) {
+            // One byte on an idle connection: if it does not go, nothing will.
+            reset_on_close(&dial_in);
+            return self.close(key, Ending::Failed(std::io::Error::other("dial-in lost")));
+        }
         let interest = Interest::READABLE | Interest::WRITABLE;
         let moved = if registered {
             self.registry
@@ -198,6 +311,15 @@ impl Core {
             other => other,
         });
         self.pump(key, now);
+    }
+
+    /// Whether the app of waiting client `key` wants a `\n` on each dial-in
+    /// it is handed a client on (the `ready` extension).
+    fn wants_go_signal(&self, key: usize) -> bool {
+        let Some(Conn::AwaitingDialIn(waiting)) = self.conns.get(key) else {
+            return false;
+        };
+        matches!(self.conns.get(waiting.app), Some(Conn::Registering(app) | Conn::Registered(app)) if app.wants_go_signal())
     }
 
     /// Moves a pipe's bytes; requeues it if its budget ran out; arms the

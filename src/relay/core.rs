@@ -29,8 +29,8 @@ pub(super) const CONTROL: usize = 0;
 pub(super) const RELAYED: usize = 1;
 pub(super) const DIAL: usize = 2;
 
-/// Sockets of a client entry, by sub-token. A presenting dial-in is an
-/// entry of its own, with its socket at sub-token 0.
+/// Sockets of a client entry, by sub-token. A presenting or ready dial-in
+/// is an entry of its own, with its socket at sub-token 0.
 pub(super) const CLIENT: usize = 0;
 pub(super) const DIAL_IN: usize = 1;
 
@@ -43,6 +43,7 @@ const POOL_MAX_IDLE: usize = 64;
 pub(super) struct Census {
     pub apps: usize,    // Registering + Registered
     pub pending: usize, // Authenticating + Presenting
+    pub spares: usize,  // Standby
     pub waiting: usize, // AwaitingDialIn
     pub pipes: usize,   // Piping
     pub sockets: usize, // peer sockets held, for the connection limit
@@ -53,6 +54,7 @@ impl Census {
         match conn {
             Conn::Registering(_) | Conn::Registered(_) => Some(&mut self.apps),
             Conn::Authenticating(_) | Conn::Presenting(_) => Some(&mut self.pending),
+            Conn::Standby(_) => Some(&mut self.spares),
             Conn::AwaitingDialIn(_) => Some(&mut self.waiting),
             Conn::Piping(_) => Some(&mut self.pipes),
             Conn::Closed => None,
@@ -179,6 +181,7 @@ impl Core {
         let stats = Stats {
             apps: self.census.apps,
             pending: self.census.pending,
+            ready_dial_ins: self.census.spares,
             waiting_clients: self.census.waiting,
             pipes: self.census.pipes,
             buffers_lent: self.pool.lent(),
@@ -226,6 +229,8 @@ impl Core {
             }
             // A dial-in presenting its token.
             (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
+            // A ready dial-in: readable means data from the app, or its death.
+            (Some(Conn::Standby(_)), 0) => self.check_spare(key),
             // A pipe: record readiness on the right side, then move bytes.
             (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
                 if let Some(event) = event {
@@ -366,11 +371,20 @@ impl Core {
     /// Schedules an entry to close at the end of the turn. A waiting client
     /// leaves its app's queue now, so no dial-in is paired with it meanwhile.
     pub fn close(&mut self, key: usize, ending: Ending) {
-        if let Some(Conn::AwaitingDialIn(waiting)) = self.conns.get(key) {
-            let app = waiting.app;
-            if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
-                app.waiting.retain(|&k| k != key);
+        match self.conns.get(key) {
+            Some(Conn::AwaitingDialIn(waiting)) => {
+                let app = waiting.app;
+                if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
+                    app.waiting.retain(|&k| k != key);
+                }
             }
+            Some(Conn::Standby(spare)) => {
+                let app = spare.app;
+                if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
+                    app.spares.retain(|&k| k != key);
+                }
+            }
+            _ => {}
         }
         self.closing.push((key, ending));
     }
@@ -397,6 +411,9 @@ impl Core {
                     reset_on_close(&presenter.stream);
                     let _ = self.registry.deregister(&mut presenter.stream);
                 }
+                Conn::Standby(mut spare) => {
+                    let _ = self.registry.deregister(&mut spare.stream);
+                }
                 Conn::Piping(piped) => self.retire_pipe(piped, ending),
                 Conn::Closed => {}
             }
@@ -416,7 +433,7 @@ impl Core {
             app.relayed_port,
             app.waiting.len()
         );
-        for key in app.waiting.drain(..) {
+        for key in app.waiting.drain(..).chain(app.spares.drain(..)) {
             self.closing.push((key, Ending::AppGone));
         }
     }

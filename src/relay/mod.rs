@@ -32,6 +32,8 @@ pub struct Stats {
     /// Connections still proving themselves: apps answering the challenge,
     /// dial-ins presenting their token.
     pub pending: usize,
+    /// Dial-ins kept ready for apps' next clients (the `ready` extension).
+    pub ready_dial_ins: usize,
     /// Clients waiting for a dial-in.
     pub waiting_clients: usize,
     /// Client/dial-in pairs being piped.
