@@ -36,7 +36,8 @@ use crate::config::Secret;
 use crate::pipe::{Broken, Echo, Endpoint, Flow, Pipe};
 use crate::pool::BufferPool;
 use crate::protocol::{
-    LineReader, RelayLine, auth_line, parse_relay_line, port_request_line, token_line,
+    LineReader, MAX_READY, RelayLine, auth_line, parse_relay_line, port_request_line, ready_line,
+    token_line,
 };
 use crate::reactor::{self, Handler, Reactor, Stopper, split, token};
 use crate::sockio::{Io, keep_alive, read_slice, reset_on_close, write_slice};
@@ -81,6 +82,11 @@ pub struct AgentConfig {
     pub port: Option<u16>,
     /// The relay's shared secret, for a relay that asks for it.
     pub secret: Option<Secret>,
+    /// Ask the relay to keep this many dial-ins ready (the `ready`
+    /// extension): a new client is then paired at once, without waiting for
+    /// a dial-in round trip. Each ready dial-in is served (connected to the
+    /// local service) as soon as it is made. 0: do not ask.
+    pub ready: usize,
     /// Reconnect when the relay goes away (otherwise the agent stops with
     /// an error).
     pub reconnect: bool,
@@ -254,6 +260,7 @@ impl EchoApp {
             service: Service::Echo,
             port: None,
             secret: None,
+            ready: 0,
             reconnect: false,
         })?;
         let relayed_port = agent.register()?;
@@ -549,6 +556,9 @@ impl Core {
         }
         if let Some(port) = self.config.port {
             lines += &port_request_line(port);
+        }
+        if self.config.ready > 0 {
+            lines += &ready_line(self.config.ready.min(MAX_READY));
         }
         if lines.is_empty() {
             return;

@@ -111,6 +111,10 @@ struct ExposeArgs {
     /// Exit (non-zero) when the relay goes away, instead of reconnecting.
     #[arg(long)]
     no_reconnect: bool,
+    /// Ask the relay to keep N dial-ins ready (each already connected to the
+    /// local service), so new clients skip the dial-in round trip. At most 64.
+    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
+    ready: u16,
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
@@ -177,6 +181,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         service: Service::Echo,
         port: None,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
+        ready: 0,
         reconnect: false,
     })
 }
@@ -193,6 +198,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         service: Service::Forward(local),
         port: args.port,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
+        ready: usize::from(args.ready),
         reconnect: !args.no_reconnect,
     })
 }

@@ -34,9 +34,12 @@
 //! A second extension, also only for apps that ask: `ready <N>\n` (N at most
 //! [`MAX_READY`]) makes the relay keep N dial-ins of that app ready, so a new
 //! client is paired at once instead of after a dial-in round trip. The relay
-//! asks for them with ordinary dial lines. Every dial-in of such an app then
-//! receives one `\n` from the relay when a client is handed to it (so an app
-//! knows when to connect to its service); the client's bytes follow.
+//! asks for them with ordinary dial lines and pairs a client with the oldest
+//! ready dial-in, replacing it with a new dial line; a ready dial-in that
+//! dies is noticed and replaced, never handed a client. To the app these are
+//! ordinary dial-ins, so a relay that ignores the line (as the original
+//! does) changes nothing. An app should serve a dial-in as soon as it has
+//! it: bytes it sends before a client arrives wait for the client.
 //!
 //! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
 //! reader tolerates a `\r` before it. Nothing here touches a socket, so the

@@ -250,12 +250,6 @@ impl App {
         let (peer, requests) = (self.control.peer, &mut self.requests);
         self.control.read_lines(|line| requests.take(line, peer))
     }
-
-    /// Whether the app asked for ready dial-ins: each dial-in it makes then
-    /// gets a `\n` from the relay when a client is handed to it.
-    pub fn wants_go_signal(&self) -> bool {
-        self.ready > 0
-    }
 }
 
 /// Requests an app made and the relay has not acted on yet. The original

@@ -66,6 +66,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         service: Service::Forward(local),
         port: None,
         secret: None,
+        ready: 0,
         reconnect: true,
     }
 }
@@ -458,4 +459,57 @@ fn http_hello_example_runs_through_a_relay() {
         status.success(),
         "the example must exit 0 after its one request"
     );
+}
+
+/// `--ready N`: the relay keeps N dial-ins of the agent ready; clients are
+/// served from them (each replaced after use), byte-exact.
+#[test]
+fn ready_dial_ins_serve_clients_and_are_replaced() {
+    let relay = start_relay();
+    let agent = start_agent(AgentConfig {
+        ready: 4,
+        ..agent_config(relay.reg_addr(), local_service(echo))
+    });
+    wait_for_stats(&relay, "four ready dial-ins", |s| s.ready_dial_ins == 4);
+    let public = local(agent.relayed_port());
+    for i in 0..10u64 {
+        let request = Pattern::new(i).bytes(0, 10_000);
+        assert!(exchange(public, &request) == request, "client {i}");
+    }
+    wait_for_stats(&relay, "the ready dial-ins replaced", |s| {
+        s.ready_dial_ins == 4
+    });
+    assert_no_leftovers(&relay);
+}
+
+/// A ready dial-in that dies is noticed (the relay asks for a new one) and
+/// never handed a client: the next client gets a live dial-in.
+#[test]
+fn a_dead_ready_dial_in_is_replaced_not_handed_out() {
+    let relay = start_relay();
+    let app = TestApp::register(relay.reg_addr());
+    app.send_control(b"ready 2\n")
+        .expect("ask for two ready dial-ins");
+    let first = app.dial_in();
+    let second = app.dial_in();
+    wait_for_stats(&relay, "two ready dial-ins", |s| s.ready_dial_ins == 2);
+    set_reset_on_drop(&first);
+    drop(first);
+    let replacement = app.dial_in();
+    wait_for_stats(&relay, "the dead one replaced", |s| s.ready_dial_ins == 2);
+    let mut clients = Vec::new();
+    for (i, mut dial_in) in [second, replacement].into_iter().enumerate() {
+        let mut client = connect(app.relayed_addr());
+        let message = format!("client {i}");
+        client.write_all(message.as_bytes()).expect("client writes");
+        assert_eq!(
+            read_exactly(&mut dial_in, message.len()),
+            message.as_bytes()
+        );
+        dial_in.write_all(b"ok").expect("app answers");
+        assert_eq!(read_exactly(&mut client, 2), b"ok");
+        clients.push((client, dial_in));
+    }
+    drop(clients);
+    assert_no_leftovers(&relay);
 }

@@ -13,7 +13,7 @@ use crate::auth::{DialToken, TOKEN_LINE_LEN};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe};
 use crate::protocol::{dial_line, parse_token_line};
 use crate::reactor::token;
-use crate::sockio::{Io, read_slice, reset_on_close, write_slice};
+use crate::sockio::{Io, read_slice, reset_on_close};
 use crate::state::{Conn, Ending, Piped, Presenter, Spare, Waiting};
 
 impl Core {
@@ -280,11 +280,6 @@ impl Core {
     /// A dial-in that presented a token is already registered (under its
     /// own entry's token) and moves to the client's.
     fn pair(&mut self, key: usize, mut dial_in: TcpStream, registered: bool, now: Instant) {
-        if self.wants_go_signal(key) && !matches!(write_slice(&dial_in, b"\n"), Io::Moved(1)) {
-            // One byte on an idle connection: if it does not go, nothing will.
-            reset_on_close(&dial_in);
-            return self.close(key, Ending::Failed(std::io::Error::other("dial-in lost")));
-        }
         let interest = Interest::READABLE | Interest::WRITABLE;
         let moved = if registered {
             self.registry
@@ -311,15 +306,6 @@ impl Core {
             other => other,
         });
         self.pump(key, now);
-    }
-
-    /// Whether the app of waiting client `key` wants a `\n` on each dial-in
-    /// it is handed a client on (the `ready` extension).
-    fn wants_go_signal(&self, key: usize) -> bool {
-        let Some(Conn::AwaitingDialIn(waiting)) = self.conns.get(key) else {
-            return false;
-        };
-        matches!(self.conns.get(waiting.app), Some(Conn::Registering(app) | Conn::Registered(app)) if app.wants_go_signal())
     }
 
     /// Moves a pipe's bytes; requeues it if its budget ran out; arms the
