@@ -529,7 +529,13 @@ impl Core {
                     self.greet(None, now);
                     self.established(port);
                 }
-                Ok(RelayLine::Error(reason)) => return self.give_up(AgentError::Refused(reason)),
+                Ok(RelayLine::Error(reason)) if is_final(&reason) => {
+                    return self.give_up(AgentError::Refused(reason));
+                }
+                // A passing refusal (the relay is full, out of ports): try again later.
+                Ok(RelayLine::Error(reason)) => {
+                    return self.lost(now, format!("the relay refused: {reason}"));
+                }
                 Err(e) => log::warn!("relay sent a line we do not understand ({e}); ignored"),
             }
         }
@@ -802,6 +808,13 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether a refusal from the relay stands however often we ask: a wrong
+/// secret, or a refused request of ours (`port`, `ready`). Others (too many
+/// apps, no free relayed port) may pass, so a reconnecting agent retries.
+fn is_final(reason: &str) -> bool {
+    reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ")
 }
 
 /// Sends a dial-in's token line, if it has one (33 bytes on a fresh

@@ -1,5 +1,6 @@
 //! The `tcp-relay` command: arguments, logger, then the library does the work.
 
+use std::io::Write;
 use std::net::{IpAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -214,7 +215,12 @@ fn run_agent(config: AgentConfig) -> Result<(), String> {
         .map_or(config.relay.as_str(), |(h, _)| h)
         .to_owned();
     let mut agent = Agent::new(config).map_err(|e| e.to_string())?;
-    agent.on_registered(move |port| println!("{host}:{port}"));
+    // Not println!, which panics when stdout is gone (piped into `head`):
+    // the agent keeps running; only its address line has nowhere to go.
+    agent.on_registered(move |port| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{host}:{port}").and_then(|()| out.flush());
+    });
     agent
         .stop_on_signals()
         .map_err(|e| format!("cannot watch signals: {e}"))?;

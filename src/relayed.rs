@@ -137,6 +137,8 @@ fn lost() -> io::Error {
 }
 
 impl RelayedApp {
+    /// Registers with the relay at `relay` (its registration port) and takes
+    /// whatever relayed port it assigns. Blocks at most about 10 s per step.
     pub fn register(relay: impl ToSocketAddrs) -> io::Result<RelayedApp> {
         Self::register_with(relay, &RegisterOptions::default())
     }

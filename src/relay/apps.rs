@@ -29,7 +29,7 @@ impl Core {
         now: std::time::Instant,
     ) {
         let max = self.config.max_apps;
-        if self.census.apps + self.census.pending >= max {
+        if self.census.apps + self.census.applicants >= max {
             self.crowded
                 .raise(|| format!("app limit ({max}) reached: new apps are refused"));
             return refuse_unregistered(&stream, "too many apps");

@@ -41,19 +41,21 @@ const POOL_MAX_IDLE: usize = 64;
 /// Counts of entries by state, kept as states change.
 #[derive(Default)]
 pub(super) struct Census {
-    pub apps: usize,    // Registering + Registered
-    pub pending: usize, // Authenticating + Presenting
-    pub spares: usize,  // Standby
-    pub waiting: usize, // AwaitingDialIn
-    pub pipes: usize,   // Piping
-    pub sockets: usize, // peer sockets held, for the connection limit
+    pub apps: usize,       // Registering + Registered
+    pub applicants: usize, // Authenticating
+    pub presenting: usize, // Presenting
+    pub spares: usize,     // Standby
+    pub waiting: usize,    // AwaitingDialIn
+    pub pipes: usize,      // Piping
+    pub sockets: usize,    // peer sockets held, for the connection limit
 }
 
 impl Census {
     fn count(&mut self, conn: &Conn) -> Option<&mut usize> {
         match conn {
             Conn::Registering(_) | Conn::Registered(_) => Some(&mut self.apps),
-            Conn::Authenticating(_) | Conn::Presenting(_) => Some(&mut self.pending),
+            Conn::Authenticating(_) => Some(&mut self.applicants),
+            Conn::Presenting(_) => Some(&mut self.presenting),
             Conn::Standby(_) => Some(&mut self.spares),
             Conn::AwaitingDialIn(_) => Some(&mut self.waiting),
             Conn::Piping(_) => Some(&mut self.pipes),
@@ -180,7 +182,7 @@ impl Core {
     fn publish(&self) {
         let stats = Stats {
             apps: self.census.apps,
-            pending: self.census.pending,
+            pending: self.census.applicants + self.census.presenting,
             ready_dial_ins: self.census.spares,
             waiting_clients: self.census.waiting,
             pipes: self.census.pipes,
