@@ -617,7 +617,7 @@ impl Core {
         | Control::Ready(Link { mut stream, .. }, _) =
             std::mem::replace(&mut self.control, Control::Failed)
         {
-            let _ = self.registry.deregister(&mut stream);
+            reactor::forget(&self.registry, &mut stream);
         }
         if !self.config.reconnect {
             return self.give_up(AgentError::Lost(io::Error::new(
@@ -695,7 +695,12 @@ impl Core {
                 log::debug!("dial-in lost before its token was sent");
                 return self.closing.push((key, true));
             }
-            Ok(true) => connected[sub] = true,
+            Ok(true) => {
+                // Outgoing sockets inherit nothing: small messages must not
+                // wait for Nagle here either.
+                let _ = stream.set_nodelay(true);
+                connected[sub] = true;
+            }
             Ok(false) => return,
             Err(e) if sub == LOCAL => {
                 reset_on_close(dial_in);
@@ -804,7 +809,7 @@ impl Core {
                 if abort {
                     reset_on_close(stream);
                 }
-                let _ = self.registry.deregister(stream);
+                reactor::forget(&self.registry, stream);
             }
         }
     }

@@ -59,8 +59,10 @@
 //!    `vacant_entry()` key before it is inserted, so they cannot diverge;
 //!    events for vacant keys are stale and ignored.
 //! 2. **Readiness in software.** Every socket half has a flag that events
-//!    set and only a `WouldBlock` clears. Edge-triggered polling reports a
-//!    readiness once; the flag remembers it.
+//!    set and only proof of exhaustion clears: a `WouldBlock`, or a short
+//!    read (Linux raises a fresh edge for every later arrival), but never a
+//!    short read while the peer's end may be pending unread.
+//!    Edge-triggered polling reports a readiness once; the flag remembers it.
 //! 3. **The writable invariant.** Bytes that enter a ring are written toward
 //!    the peer in the same pump; nothing waits for a writable edge that may
 //!    already have been consumed. Work cut short by a budget is requeued by

@@ -340,6 +340,17 @@ impl AcceptGate {
     }
 }
 
+/// Removes a source that is about to be dropped from the poll. mio asks for
+/// an explicit deregister because some platforms leak otherwise; on Linux,
+/// closing the last descriptor of a socket removes it from every epoll
+/// interest list (epoll(7)), so the `epoll_ctl` call would be pure cost: two
+/// syscalls per relayed client, measured in connection churn.
+pub fn forget(registry: &Registry, source: &mut impl mio::event::Source) {
+    if cfg!(not(target_os = "linux")) {
+        let _ = registry.deregister(source);
+    }
+}
+
 /// The earlier of two optional deadlines.
 pub fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {

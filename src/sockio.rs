@@ -90,6 +90,22 @@ pub fn read_slice(mut src: impl Read, buf: &mut [u8]) -> Io {
     }
 }
 
+/// Sets `TCP_NODELAY` on a listener, so the sockets it accepts start with it
+/// (Linux copies the listener's Nagle setting into each accepted socket):
+/// one syscall per listener instead of one per connection. A relay forwards
+/// whatever it has at once; Nagle would only add latency to small messages.
+pub fn no_delay_listener(listener: &mio::net::TcpListener) {
+    let _ = socket2::SockRef::from(listener).set_tcp_nodelay(true);
+}
+
+/// Sets `TCP_NODELAY` on an accepted socket where the listener's setting is
+/// not inherited (everywhere but Linux).
+pub fn no_delay(stream: &mio::net::TcpStream) {
+    if cfg!(not(target_os = "linux")) {
+        let _ = stream.set_nodelay(true);
+    }
+}
+
 /// Makes the coming close of `stream` send RST instead of FIN: for a peer
 /// that is refused, or whose stream was cut short, so that it sees an error
 /// rather than a clean end it could mistake for a complete (or empty) stream.

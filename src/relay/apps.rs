@@ -16,7 +16,7 @@ use crate::protocol::{
     AppLine, ProtocolError, challenge_line, error_line, established_line, parse_app_line,
 };
 use crate::reactor::token;
-use crate::sockio::{keep_alive, write_slice};
+use crate::sockio::{keep_alive, no_delay_listener, write_slice};
 use crate::state::{App, Applicant, Conn, Control, Ending, Requests};
 
 impl Core {
@@ -171,6 +171,8 @@ impl Core {
     fn open_listeners(&self) -> io::Result<(TcpListener, TcpListener, (u16, u16))> {
         let relayed = self.open_relayed_port()?;
         let dial = TcpListener::bind(SocketAddr::new(self.config.bind, 0))?;
+        no_delay_listener(&relayed);
+        no_delay_listener(&dial);
         let ports = (relayed.local_addr()?.port(), dial.local_addr()?.port());
         Ok((relayed, dial, ports))
     }
@@ -277,6 +279,7 @@ impl Core {
             Ok(listener) => listener,
             Err(e) => return self.refuse(key, &format!("port {port} is unavailable: {e}")),
         };
+        no_delay_listener(&relayed);
         if let Err(e) =
             self.registry
                 .register(&mut relayed, token(key, RELAYED), Interest::READABLE)

@@ -13,7 +13,7 @@ use crate::auth::{DialToken, TOKEN_LINE_LEN};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe};
 use crate::protocol::{dial_line, parse_token_line};
 use crate::reactor::token;
-use crate::sockio::{Io, read_slice, reset_on_close};
+use crate::sockio::{Io, no_delay, read_slice, reset_on_close};
 use crate::state::{Conn, Ending, Piped, Presenter, Spare, Waiting};
 
 impl Core {
@@ -55,7 +55,7 @@ impl Core {
             dial_line(app.dial_port, dial_token.as_ref()),
             app.relayed_port,
         );
-        let _ = stream.set_nodelay(true);
+        no_delay(&stream);
         let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -126,7 +126,7 @@ impl Core {
             );
             return reset_on_close(&stream);
         }
-        let _ = stream.set_nodelay(true);
+        no_delay(&stream);
         match app.waiting.pop_front() {
             Some(client) => self.pair(client, stream, false, now),
             None => self.stand_by(app_key, stream, false),
@@ -161,7 +161,7 @@ impl Core {
         let Some(Conn::Presenting(presenter)) = self.take(key) else {
             return;
         };
-        let _ = presenter.stream.set_nodelay(true);
+        no_delay(&presenter.stream);
         match client {
             Some(client) => self.pair(client, presenter.stream, true, now),
             None => self.stand_by(app_key, presenter.stream, true),

@@ -3,6 +3,7 @@
 //! shutdown. What happens *inside* each state lives in `apps` and `clients`.
 
 use std::collections::BTreeSet;
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,9 +35,10 @@ pub(super) const DIAL: usize = 2;
 pub(super) const CLIENT: usize = 0;
 pub(super) const DIAL_IN: usize = 1;
 
-/// Free rings the pool keeps for reuse: enough for a burst of busy pipes,
-/// small enough (64 × 64 KiB = 4 MiB) to give memory back after it.
-const POOL_MAX_IDLE: usize = 64;
+/// Free rings the pool keeps for reuse: enough that busy pipes rarely
+/// allocate, small enough (16 × 64 KiB = 1 MiB) that a relay idle after a
+/// burst stays small (with 64 it sat at about 5.8 MiB RSS instead of 2.7).
+const POOL_MAX_IDLE: usize = 16;
 
 /// Counts of entries by state, kept as states change.
 #[derive(Default)]
@@ -118,6 +120,7 @@ pub(super) struct Core {
     pub full: Alarm,                   // the connection limit is being hit
     pub crowded: Alarm,                // the app limit is being hit
     pub draining: Option<Instant>,     // shutting down: pipes may drain until then
+    pub reserve: Option<File>,         // a descriptor held back for a dial-in at EMFILE
 }
 
 impl Handler for Core {
@@ -137,9 +140,16 @@ impl Handler for Core {
         for token in std::mem::take(&mut self.requeued) {
             self.dispatch(token, None, now);
         }
-        self.requeued.extend(self.gate.take_due(now));
+        let mut due = self.gate.take_due(now);
+        // Dial listeners first: a dial-in completes a client already holding
+        // a descriptor, a new client only takes another.
+        due.sort_by_key(|&listener| !is_dial_listener(listener));
+        self.requeued.extend(due);
         self.expire(now);
         self.reap();
+        if self.reserve.is_none() {
+            self.reserve = reserve();
+        }
         self.publish();
     }
 
@@ -175,6 +185,7 @@ impl Core {
             full: Alarm::default(),
             crowded: Alarm::default(),
             draining: None,
+            reserve: reserve(),
         })
     }
 
@@ -266,6 +277,11 @@ impl Core {
                 }
                 Accepted::Empty => return,
                 Accepted::Skip => {}
+                // Out of descriptors with clients waiting for dial-ins, every
+                // descriptor may be held by a waiting client: spend the
+                // reserve on the dial-in so that one of them completes.
+                Accepted::Exhausted(_)
+                    if is_dial_listener(listener) && self.reserve.take().is_some() => {}
                 Accepted::Exhausted(e) => return self.gate.exhausted(now, listener, &e),
             }
         }
@@ -402,19 +418,19 @@ impl Core {
             log::trace!("#{key}: {} => closed", conn.name());
             match conn {
                 Conn::Authenticating(mut applicant) => {
-                    let _ = self.registry.deregister(&mut applicant.control.stream);
+                    reactor::forget(&self.registry, &mut applicant.control.stream);
                 }
                 Conn::Registering(app) | Conn::Registered(app) => self.retire_app(app, ending),
                 Conn::AwaitingDialIn(mut waiting) => {
-                    let _ = self.registry.deregister(&mut waiting.client.stream);
+                    reactor::forget(&self.registry, &mut waiting.client.stream);
                     log::debug!("client {} closed: {ending}", waiting.peer);
                 }
                 Conn::Presenting(mut presenter) => {
                     reset_on_close(&presenter.stream);
-                    let _ = self.registry.deregister(&mut presenter.stream);
+                    reactor::forget(&self.registry, &mut presenter.stream);
                 }
                 Conn::Standby(mut spare) => {
-                    let _ = self.registry.deregister(&mut spare.stream);
+                    reactor::forget(&self.registry, &mut spare.stream);
                 }
                 Conn::Piping(piped) => self.retire_pipe(piped, ending),
                 Conn::Closed => {}
@@ -425,9 +441,9 @@ impl Core {
     /// Closes an app's listeners at once (its port can be registered again)
     /// and its waiting clients; its established pipes run on.
     fn retire_app(&mut self, mut app: App, ending: Ending) {
-        let _ = self.registry.deregister(&mut app.control.stream);
-        let _ = self.registry.deregister(&mut app.relayed);
-        let _ = self.registry.deregister(&mut app.dial);
+        reactor::forget(&self.registry, &mut app.control.stream);
+        reactor::forget(&self.registry, &mut app.relayed);
+        reactor::forget(&self.registry, &mut app.dial);
         self.held_ports.remove(&app.relayed_port);
         log::info!(
             "app {} gone ({ending}); relayed port {} closed, {} waiting clients closed",
@@ -447,8 +463,8 @@ impl Core {
         } else {
             pipe.release(&mut self.pool);
         }
-        let _ = self.registry.deregister(&mut pipe.a.stream);
-        let _ = self.registry.deregister(&mut pipe.b.stream);
+        reactor::forget(&self.registry, &mut pipe.a.stream);
+        reactor::forget(&self.registry, &mut pipe.b.stream);
         match ending {
             Ending::Failed(e) => log::debug!("pipe closed on error: {e}"),
             ending => log::debug!("pipe closed: {ending}"),
@@ -462,7 +478,7 @@ impl Core {
         let grace = self.config.grace;
         self.draining = Some(now + grace);
         if let Some(mut reg) = self.reg.take() {
-            let _ = self.registry.deregister(&mut reg);
+            reactor::forget(&self.registry, &mut reg);
         }
         let apps: Vec<usize> = self
             .conns
@@ -493,4 +509,15 @@ impl Core {
         }
         false
     }
+}
+
+/// Whether a listener token names an app's dial-in listener.
+fn is_dial_listener(listener: Token) -> bool {
+    listener != REG_LISTENER && split(listener).1 == DIAL
+}
+
+/// A descriptor to give up when accepting a dial-in fails for want of one
+/// (the classic reserve-descriptor trick): `/dev/null` costs nothing else.
+fn reserve() -> Option<File> {
+    File::open("/dev/null").ok()
 }

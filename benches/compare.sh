@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Runs issue 4's comparison on this machine and prints one table: every
+# measure of examples/load.rs on four paths to the same echo service, in the
+# same run, measure by measure (so drift of a shared machine hits all paths
+# of a measure alike):
+#
+#   direct  client -> echo server                        (load echo-server)
+#   relay   client -> relay -> `tcp-relay echo`          (relay only)
+#   tunnel  client -> relay -> `tcp-relay expose` -> echo server
+#   bore    client -> bore server -> `bore local` -> echo server
+#
+# Everything listens on 127.0.0.1; every process started here is stopped on
+# exit. bore is installed with `cargo install bore-cli` when missing (its
+# control port is fixed at 7835, which must be free); without it the bore
+# column reads n/a. Takes about 2.5 minutes.
+#
+# Knobs (environment): SECS (rr and churn duration, 5), RR_CONNS (100),
+# CHURN_THREADS (4), BULK1 (bytes each way, 1 stream, 1 GiB), BULK8 (bytes
+# each way per stream, 8 streams, 128 MiB), IDLE (connections held, 8000),
+# PATHS (subset of "direct relay tunnel bore"), KEEP=1 keeps the raw outputs.
+
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+SECS=${SECS:-5}
+RR_CONNS=${RR_CONNS:-100}
+CHURN_THREADS=${CHURN_THREADS:-4}
+BULK1=${BULK1:-$((1 << 30))}
+BULK8=${BULK8:-$((128 << 20))}
+IDLE=${IDLE:-8000}
+PATHS=${PATHS:-direct relay tunnel bore}
+
+OUT=$(mktemp -d /tmp/relay-compare.XXXXXX)
+PIDS=()
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    if [ "${KEEP:-0}" = 1 ]; then echo "raw outputs kept in $OUT" >&2; else rm -rf "$OUT"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+note() { echo "compare: $*" >&2; }
+
+note "building (release)"
+cargo build --release --quiet --bin tcp-relay --example load || exit 1
+TARGET=${CARGO_TARGET_DIR:-target}/release
+RELAY=$TARGET/tcp-relay
+LOAD=$TARGET/examples/load
+
+if ! command -v bore >/dev/null; then
+    note "bore missing: cargo install bore-cli"
+    cargo install --quiet bore-cli || note "bore-cli did not install; bore column skipped"
+fi
+
+# Starts a background process with its stdout in $OUT/$1.out and stderr in
+# $OUT/$1.err; its pid lands in the variable named $1 and in PIDS.
+start() {
+    local name=$1
+    shift
+    "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" &
+    PIDS+=("$!")
+    printf -v "$name" '%s' "$!"
+}
+
+# First line of a file once it has one (a process printing its address).
+first_line() {
+    for _ in $(seq 100); do
+        [ -s "$1" ] && { head -1 "$1"; return 0; }
+        sleep 0.1
+    done
+    return 1
+}
+
+wait_port() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+declare -A ADDR PROC
+start echo_server "$LOAD" echo-server --listen 127.0.0.1:0 --secs 900
+ECHO_ADDR=$(first_line "$OUT/echo_server.out") || { note "echo server did not start"; exit 1; }
+ECHO_PORT=${ECHO_ADDR##*:}
+ADDR[direct]=$ECHO_ADDR
+PROC[direct]=$echo_server
+
+# Relay only: its own relay process, with the built-in echo app.
+REG1=$("$LOAD" free-port)
+start relay1 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG1" --relay-style random
+wait_port "$REG1" || { note "relay did not start"; exit 1; }
+start echo_app "$RELAY" --log-level warn echo --relay "127.0.0.1:$REG1"
+ADDR[relay]=$(first_line "$OUT/echo_app.out") || { note "echo app did not register"; exit 1; }
+PROC[relay]="$relay1 $echo_app"
+
+# Tunnel: a second relay, with `expose` forwarding to the echo server.
+REG2=$("$LOAD" free-port)
+start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random
+wait_port "$REG2" || { note "relay did not start"; exit 1; }
+start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$ECHO_ADDR" --no-reconnect
+ADDR[tunnel]=$(first_line "$OUT/expose.out") || { note "expose did not register"; exit 1; }
+PROC[tunnel]="$relay2 $expose"
+
+if command -v bore >/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null; then
+    start bore_server bore server --bind-addr 127.0.0.1
+    wait_port 7835 || note "bore server did not start"
+    BORE_PORT=$("$LOAD" free-port)
+    start bore_local bore local "$ECHO_PORT" --local-host 127.0.0.1 --to 127.0.0.1 --port "$BORE_PORT"
+    if wait_port "$BORE_PORT"; then
+        ADDR[bore]=127.0.0.1:$BORE_PORT
+        PROC[bore]="$bore_server $bore_local"
+    else
+        note "bore local did not open its port"
+    fi
+else
+    note "bore unavailable (not installed, or port 7835 taken)"
+fi
+note "echo ${ADDR[direct]}, relay ${ADDR[relay]}, tunnel ${ADDR[tunnel]}, bore ${ADDR[bore]:-n/a}"
+
+# Idle footprint before any load: the relays with their app registered.
+"$LOAD" stat --pid "$relay1" --pid "$relay2" --secs 2 >"$OUT/stat_idle.out"
+[ -n "${PROC[bore]:-}" ] && "$LOAD" stat --pid "$bore_server" --secs 2 >"$OUT/stat_bore.out"
+
+declare -A VAL
+# Reads key $3 of the RESULT line (for pid $4, if given) of run $1.$2.
+value() {
+    local file="$OUT/$1.$2.out" key=$3 pid=${4:-}
+    [ -f "$file" ] || return 0
+    grep '^RESULT' "$file" | { if [ -n "$pid" ]; then grep " pid=$pid "; else cat; fi; } |
+        head -1 | tr ' ' '\n' | sed -n "s/^$key=//p"
+}
+
+# Runs one load mode on every path, one after the other.
+measure() {
+    local name=$1
+    shift
+    for path in $PATHS; do
+        [ -n "${ADDR[$path]:-}" ] || continue
+        note "$name on $path"
+        if ! "$LOAD" "$@" --addr "${ADDR[$path]}" >"$OUT/$name.$path.out" 2>&1; then
+            note "$name on $path FAILED: $(tail -1 "$OUT/$name.$path.out")"
+            echo "RESULT failed" >>"$OUT/$name.$path.out"
+        fi
+        sleep 1 # let the previous run's connections finish closing
+    done
+}
+
+measure bulk1 bulk --streams 1 --bytes "$BULK1"
+measure bulk8 bulk --streams 8 --bytes "$BULK8"
+measure rr rr --conns "$RR_CONNS" --secs "$SECS" --size 64
+measure rr1 rr --conns 1 --secs 3 --size 64
+measure churn churn --conns "$CHURN_THREADS" --secs "$SECS"
+for path in $PATHS; do
+    [ -n "${ADDR[$path]:-}" ] || continue
+    pids=()
+    for p in ${PROC[$path]}; do pids+=(--pid "$p"); done
+    note "idle $IDLE on $path"
+    "$LOAD" idle --addr "${ADDR[$path]}" --conns "$IDLE" "${pids[@]}" >"$OUT/idle.$path.out" 2>&1 ||
+        note "idle on $path FAILED: $(tail -1 "$OUT/idle.$path.out")"
+    sleep 2
+done
+"$LOAD" stat --pid "$relay1" --pid "$relay2" --secs 2 >"$OUT/stat_after.out"
+
+# ---- the table ---------------------------------------------------------------
+
+# A row: label, then the value on each path, then tunnel/bore and relay/direct.
+row() {
+    local label=$1 d=$2 r=$3 t=$4 b=$5
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+    printf '%-34s %10s %10s %10s %10s %9s %9s\n' "$label" "${d:--}" "${r:--}" "${t:--}" "${b:--}" \
+        "$(ratio "$t" "$b")" "$(ratio "$r" "$d")"
+}
+# A row of one RESULT key of one run, on every path.
+mrow() {
+    row "$1" "$(value "$2" direct "$3")" "$(value "$2" relay "$3")" \
+        "$(value "$2" tunnel "$3")" "$(value "$2" bore "$3")"
+}
+first_pid() { echo "${PROC[$1]:-}" | awk '{print $1}'; }
+second_pid() { echo "${PROC[$1]:-}" | awk '{print $2}'; }
+irow() {
+    local label=$1 key=$2 which=$3
+    local d r t b
+    d=$(value idle direct "$key" "$(first_pid direct)")
+    r=$(value idle relay "$key" "$($which relay)")
+    t=$(value idle tunnel "$key" "$($which tunnel)")
+    b=$(value idle bore "$key" "$($which bore)")
+    [ "$which" = second_pid ] && d=""
+    row "$label" "$d" "$r" "$t" "$b"
+}
+statv() { grep "^RESULT stat pid=$2 " "$OUT/$1" 2>/dev/null | tr ' ' '\n' | sed -n "s/^$3=//p"; }
+
+echo
+echo "tcp-relay comparison, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "  direct ${ADDR[direct]}  relay ${ADDR[relay]}  tunnel ${ADDR[tunnel]}  bore ${ADDR[bore]:-n/a}"
+echo
+printf '%-34s %10s %10s %10s %10s %9s %9s\n' measure direct relay tunnel bore tun/bore rel/dir
+mrow "bulk 1 stream, MiB/s up" bulk1 up_mib_s
+mrow "bulk 1 stream, MiB/s echoed" bulk1 down_mib_s
+mrow "bulk 8 streams, MiB/s up" bulk8 up_mib_s
+mrow "bulk 8 streams, MiB/s echoed" bulk8 down_mib_s
+mrow "rr ${RR_CONNS}x64B, req/s" rr req_per_s
+mrow "rr p50, us" rr p50_us
+mrow "rr p99, us" rr p99_us
+mrow "rr p99.9, us" rr p999_us
+mrow "rr 1 conn (unloaded) p50, us" rr1 p50_us
+mrow "rr 1 conn (unloaded) p99, us" rr1 p99_us
+mrow "churn ($CHURN_THREADS threads), conn/s" churn conn_per_s
+mrow "churn p99, us" churn p99_us
+irow "idle $IDLE: server RSS held, KiB" rss_held_kib first_pid
+irow "idle $IDLE: server B/client" per_client_b first_pid
+irow "idle $IDLE: agent B/client" per_client_b second_pid
+irow "idle $IDLE: server CPU held, %" cpu_held_pct first_pid
+echo
+echo "server = echo server (direct), relay process (relay, tunnel), bore server (bore);"
+echo "agent = tcp-relay echo (relay), tcp-relay expose (tunnel), bore local (bore)."
+echo "idle relay RSS, app registered, before load: relay-only $(statv stat_idle.out "$relay1" rss_kib) KiB" \
+    "(CPU $(statv stat_idle.out "$relay1" cpu_pct) %), tunnel relay $(statv stat_idle.out "$relay2" rss_kib) KiB" \
+    "(CPU $(statv stat_idle.out "$relay2" cpu_pct) %); bore server ${bore_server:+$(statv stat_bore.out "$bore_server" rss_kib)} KiB"
+echo "relay RSS after all runs: relay-only $(statv stat_after.out "$relay1" rss_kib) KiB," \
+    "tunnel relay $(statv stat_after.out "$relay2" rss_kib) KiB"
+failed=$(grep -l '^RESULT failed' "$OUT"/*.out 2>/dev/null | xargs -r -n1 basename | tr '\n' ' ')
+[ -n "$failed" ] && echo "FAILED runs: $failed"
+exit 0

@@ -1,0 +1,887 @@
+//! Load tool for issue 4: drives a running relay (or any echo target) and
+//! reports throughput, latency, connection rate and memory per client.
+//!
+//! ```sh
+//! cargo run --release --example load -- rr    --addr 127.0.0.1:8081 --conns 100 --secs 5
+//! cargo run --release --example load -- churn --addr 127.0.0.1:8081 --secs 5 --conns 4
+//! cargo run --release --example load -- bulk  --addr 127.0.0.1:8081 --streams 8 --bytes 134217728
+//! cargo run --release --example load -- idle  --addr 127.0.0.1:8081 --conns 8000 --pid 1234
+//! cargo run --release --example load -- echo-server --listen 127.0.0.1:0 --secs 600
+//! ```
+//!
+//! Every mode verifies each byte that comes back against what was sent,
+//! stops by itself (bounded in time and count) and ends with one line
+//! `RESULT <mode> key=value ...` for scripts (`benches/compare.sh`); the exit
+//! status is non-zero when any transfer failed or was wrong.
+//!
+//! The client side is plain blocking `std::net` with a thread per
+//! connection or stream: simple, and the same for every target measured.
+//! The echo server is a small `mio` loop per thread (sockets shared out by
+//! `SO_REUSEPORT`), so thousands of idle connections cost no threads.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+
+/// How long any single read, write or connect may block before the
+/// transfer counts as failed: a stuck target must not hang the tool.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Size of one bulk write and of the bulk read buffer.
+const CHUNK: usize = 64 << 10;
+/// Period of the bulk byte pattern: a prime, so it never lines up with
+/// chunk or ring sizes and a byte delivered out of place is caught.
+const PERIOD: usize = 251;
+/// Bytes each churn and idle connection echoes.
+const PROBE: usize = 16;
+/// Stack of each client thread: they hold a few buffers, no deep calls.
+const STACK: usize = 256 << 10;
+
+/// Load tool for tcp-relay: request/response, churn, bulk, idle memory.
+#[derive(Parser)]
+#[command(name = "load")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// N connections doing request/response of a fixed-size message.
+    Rr(RrArgs),
+    /// Connect, echo 16 bytes, close, in a loop on N threads.
+    Churn(ChurnArgs),
+    /// K streams each sending B bytes while reading the echo back.
+    Bulk(BulkArgs),
+    /// Hold N echoing connections and report a process's RSS per client.
+    Idle(IdleArgs),
+    /// Report a process's RSS and CPU use over a few seconds.
+    Stat(StatArgs),
+    /// An echo server (mio, one loop per thread); prints its address.
+    EchoServer(EchoArgs),
+    /// Print a loopback port that is free right now.
+    FreePort,
+}
+
+#[derive(Args)]
+struct RrArgs {
+    /// Target address (a relayed port or an echo server).
+    #[arg(long)]
+    addr: String,
+    /// Concurrent connections, a thread each.
+    #[arg(long, default_value_t = 100)]
+    conns: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Message size in bytes (request and response alike).
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+}
+
+#[derive(Args)]
+struct ChurnArgs {
+    #[arg(long)]
+    addr: String,
+    #[arg(long, default_value_t = 5.0)]
+    secs: f64,
+    /// Threads, each running connect/echo/close in a loop.
+    #[arg(long, default_value_t = 4)]
+    conns: usize,
+}
+
+#[derive(Args)]
+struct BulkArgs {
+    #[arg(long)]
+    addr: String,
+    /// Concurrent streams.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Bytes each stream sends (and must get back).
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[arg(long)]
+    addr: String,
+    /// Connections to open and hold.
+    #[arg(long, default_value_t = 8000)]
+    conns: usize,
+    /// Processes whose RSS to report (the relay first; repeatable).
+    #[arg(long, required = true)]
+    pid: Vec<u32>,
+    /// Seconds to hold the connections idle before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    hold: f64,
+}
+
+#[derive(Args)]
+struct StatArgs {
+    #[arg(long, required = true)]
+    pid: Vec<u32>,
+    /// Seconds over which CPU use is measured.
+    #[arg(long, default_value_t = 2.0)]
+    secs: f64,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Event loops (threads), sharing the port with SO_REUSEPORT.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Seconds after which the server exits by itself.
+    #[arg(long, default_value_t = 900.0)]
+    secs: f64,
+}
+
+fn main() -> ExitCode {
+    let outcome = match Cli::parse().mode {
+        Mode::Rr(a) => rr(&a),
+        Mode::Churn(a) => churn(&a),
+        Mode::Bulk(a) => bulk(&a),
+        Mode::Idle(a) => idle(&a),
+        Mode::Stat(a) => stat(&a),
+        Mode::EchoServer(a) => echo::serve(&a),
+        Mode::FreePort => free_port(),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+fn resolve(addr: &str) -> Res<SocketAddr> {
+    addr.to_socket_addrs()
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to nothing"))
+}
+
+/// A connected client socket with timeouts and `TCP_NODELAY` (small
+/// messages must not wait for Nagle on our side).
+fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+fn spawn<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> io::Result<thread::JoinHandle<T>> {
+    thread::Builder::new().stack_size(STACK).spawn(f)
+}
+
+/// Fills `msg` with bytes unique to (connection, sequence number), so a
+/// response that belongs to another request or connection is caught.
+fn stamp(msg: &mut [u8], conn: usize, seq: u64) {
+    let seed = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (conn as u64);
+    for (i, b) in msg.iter_mut().enumerate() {
+        *b = (seed >> ((i % 8) * 8)) as u8 ^ (i as u8);
+    }
+}
+
+/// Writes `msg`, reads as many bytes back and checks them.
+fn echo_once(stream: &mut TcpStream, msg: &[u8], back: &mut [u8]) -> Res<()> {
+    stream.write_all(msg).map_err(|e| format!("write: {e}"))?;
+    stream.read_exact(back).map_err(|e| format!("read: {e}"))?;
+    if back != msg {
+        return Err("echoed bytes differ from those sent".into());
+    }
+    Ok(())
+}
+
+/// Latencies in nanoseconds; percentiles by sorting at the end.
+#[derive(Default)]
+struct Samples(Vec<u32>);
+
+impl Samples {
+    fn record(&mut self, d: Duration) {
+        self.0.push(d.as_nanos().min(u32::MAX as u128) as u32);
+    }
+
+    fn merge(&mut self, other: Samples) {
+        self.0.extend(other.0);
+    }
+
+    /// The `q` quantile in microseconds (0 when empty).
+    fn quantile_us(&mut self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        self.0.sort_unstable();
+        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
+        f64::from(self.0[i]) / 1000.0
+    }
+}
+
+/// What one client thread did.
+struct Tally {
+    done: u64,
+    samples: Samples,
+    error: Option<String>,
+}
+
+/// Joins worker threads, folding their tallies; errors are counted and the
+/// first is kept.
+fn join_all(handles: Vec<thread::JoinHandle<Tally>>) -> (u64, Samples, usize, Option<String>) {
+    let (mut done, mut samples, mut errors, mut first) = (0, Samples::default(), 0, None);
+    for handle in handles {
+        let tally = handle.join().unwrap_or_else(|_| Tally {
+            done: 0,
+            samples: Samples::default(),
+            error: Some("worker panicked".into()),
+        });
+        done += tally.done;
+        samples.merge(tally.samples);
+        if let Some(e) = tally.error {
+            errors += 1;
+            first.get_or_insert(e);
+        }
+    }
+    (done, samples, errors, first)
+}
+
+fn report_errors(mode: &str, errors: usize, first: Option<String>) -> Res<()> {
+    match first {
+        None => Ok(()),
+        Some(e) => Err(format!("{mode}: {errors} worker(s) failed; first: {e}")),
+    }
+}
+
+// ---- rr ------------------------------------------------------------------
+
+fn rr(a: &RrArgs) -> Res<()> {
+    let addr = resolve(&a.addr)?;
+    // Connect (and check one echo on) every connection before the clock
+    // starts: set-up is churn's business, not this measure's.
+    let mut streams = Vec::with_capacity(a.conns);
+    for conn in 0..a.conns {
+        let mut s = connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut msg = vec![0; a.size];
+        stamp(&mut msg, conn, u64::MAX);
+        echo_once(&mut s, &msg, &mut vec![0; a.size])?;
+        streams.push(s);
+    }
+    let barrier = std::sync::Arc::new(Barrier::new(a.conns + 1));
+    let run_for = Duration::from_secs_f64(a.secs);
+    let mut handles = Vec::new();
+    for (conn, stream) in streams.into_iter().enumerate() {
+        let (barrier, size) = (barrier.clone(), a.size);
+        let h = spawn(move || rr_worker(stream, conn, size, &barrier, run_for))
+            .map_err(|e| format!("spawn: {e}"))?;
+        handles.push(h);
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let (done, mut lat, errors, first) = join_all(handles);
+    let secs = start.elapsed().as_secs_f64();
+    let rate = done as f64 / secs;
+    let (p50, p99, p999) = (
+        lat.quantile_us(0.5),
+        lat.quantile_us(0.99),
+        lat.quantile_us(0.999),
+    );
+    println!(
+        "rr {addr}: {} conns x {} B, {done} round trips in {secs:.2} s = {rate:.0} req/s; \
+         latency p50 {p50:.1} us, p99 {p99:.1} us, p99.9 {p999:.1} us; {errors} errors",
+        a.conns, a.size
+    );
+    println!(
+        "RESULT rr req_per_s={rate:.0} p50_us={p50:.1} p99_us={p99:.1} p999_us={p999:.1} \
+         done={done} errors={errors}"
+    );
+    report_errors("rr", errors, first)
+}
+
+fn rr_worker(
+    mut stream: TcpStream,
+    conn: usize,
+    size: usize,
+    barrier: &Barrier,
+    run_for: Duration,
+) -> Tally {
+    let (mut msg, mut back) = (vec![0; size], vec![0; size]);
+    let mut tally = Tally {
+        done: 0,
+        samples: Samples(Vec::with_capacity(1 << 16)),
+        error: None,
+    };
+    barrier.wait();
+    let deadline = Instant::now() + run_for;
+    let mut now = Instant::now();
+    while now < deadline {
+        stamp(&mut msg, conn, tally.done);
+        if let Err(e) = echo_once(&mut stream, &msg, &mut back) {
+            tally.error = Some(format!("conn {conn}, request {}: {e}", tally.done));
+            break;
+        }
+        let then = now;
+        now = Instant::now();
+        tally.samples.record(now - then);
+        tally.done += 1;
+    }
+    tally
+}
+
+// ---- churn ---------------------------------------------------------------
+
+fn churn(a: &ChurnArgs) -> Res<()> {
+    let addr = resolve(&a.addr)?;
+    let barrier = std::sync::Arc::new(Barrier::new(a.conns + 1));
+    let run_for = Duration::from_secs_f64(a.secs);
+    let mut handles = Vec::new();
+    for worker in 0..a.conns {
+        let barrier = barrier.clone();
+        let h = spawn(move || churn_worker(addr, worker, &barrier, run_for))
+            .map_err(|e| format!("spawn: {e}"))?;
+        handles.push(h);
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let (done, mut lat, errors, first) = join_all(handles);
+    let secs = start.elapsed().as_secs_f64();
+    let rate = done as f64 / secs;
+    let (p50, p99) = (lat.quantile_us(0.5), lat.quantile_us(0.99));
+    println!(
+        "churn {addr}: {} threads, {done} connections in {secs:.2} s = {rate:.0} conn/s; \
+         connect+echo+close p50 {p50:.1} us, p99 {p99:.1} us; {errors} errors",
+        a.conns
+    );
+    println!(
+        "RESULT churn conn_per_s={rate:.0} p50_us={p50:.1} p99_us={p99:.1} done={done} \
+         errors={errors}"
+    );
+    report_errors("churn", errors, first)
+}
+
+fn churn_worker(addr: SocketAddr, worker: usize, barrier: &Barrier, run_for: Duration) -> Tally {
+    let (mut msg, mut back) = ([0; PROBE], [0; PROBE]);
+    let mut tally = Tally {
+        done: 0,
+        samples: Samples::default(),
+        error: None,
+    };
+    barrier.wait();
+    let deadline = Instant::now() + run_for;
+    let mut now = Instant::now();
+    while now < deadline {
+        stamp(&mut msg, worker, tally.done);
+        let outcome = connect(addr)
+            .map_err(|e| format!("connect: {e}"))
+            .and_then(|mut s| echo_once(&mut s, &msg, &mut back));
+        if let Err(e) = outcome {
+            tally.error = Some(format!("thread {worker}, connection {}: {e}", tally.done));
+            break;
+        }
+        let then = now;
+        now = Instant::now();
+        tally.samples.record(now - then);
+        tally.done += 1;
+    }
+    tally
+}
+
+// ---- bulk ----------------------------------------------------------------
+
+/// `PERIOD + CHUNK` bytes of `i % PERIOD`: the stream bytes from offset `o`
+/// on are `pattern[o % PERIOD..]`, so sending and checking are slices.
+fn pattern() -> Vec<u8> {
+    (0..PERIOD + CHUNK).map(|i| (i % PERIOD) as u8).collect()
+}
+
+/// Seconds from the common start to when one stream finished each way.
+struct StreamTimes {
+    sent: f64,
+    received: f64,
+    eof: bool, // the echo's end of stream arrived after the bytes (half-close carried)
+}
+
+fn bulk(a: &BulkArgs) -> Res<()> {
+    let addr = resolve(&a.addr)?;
+    let mut streams = Vec::new();
+    for _ in 0..a.streams {
+        streams.push(connect(addr).map_err(|e| format!("connect {addr}: {e}"))?);
+    }
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for (i, stream) in streams.into_iter().enumerate() {
+        let bytes = a.bytes;
+        let h = spawn(move || bulk_stream(stream, i * 37 % PERIOD, bytes, start))
+            .map_err(|e| format!("spawn: {e}"))?;
+        handles.push(h);
+    }
+    let (mut sent_at, mut recv_at, mut no_eof, mut first) = (0f64, 0f64, 0, None);
+    for h in handles {
+        match h.join().unwrap_or_else(|_| Err("stream panicked".into())) {
+            Ok(t) => {
+                sent_at = sent_at.max(t.sent);
+                recv_at = recv_at.max(t.received);
+                no_eof += usize::from(!t.eof);
+            }
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    let total = a.bytes as f64 * a.streams as f64;
+    let (up, down) = (total / sent_at, total / recv_at);
+    let mib = |r: f64| r / f64::from(1 << 20);
+    let gbit = |r: f64| r * 8.0 / 1e9;
+    println!(
+        "bulk {addr}: {} streams x {} B each way: sent at {:.0} MiB/s ({:.2} Gbit/s), \
+         echoed back at {:.0} MiB/s ({:.2} Gbit/s); {} streams without EOF after the echo",
+        a.streams,
+        a.bytes,
+        mib(up),
+        gbit(up),
+        mib(down),
+        gbit(down),
+        no_eof
+    );
+    println!(
+        "RESULT bulk up_mib_s={:.0} down_mib_s={:.0} secs={recv_at:.3} no_eof={no_eof} errors={}",
+        mib(up),
+        mib(down),
+        usize::from(first.is_some())
+    );
+    match first {
+        Some(e) => Err(format!("bulk: {e}")),
+        None => Ok(()),
+    }
+}
+
+/// Sends `bytes` of the pattern from `offset` on a second thread while
+/// this one reads and checks the echo: both directions at once.
+fn bulk_stream(stream: TcpStream, offset: usize, bytes: u64, start: Instant) -> Res<StreamTimes> {
+    let pattern = std::sync::Arc::new(pattern());
+    let mut writer = stream.try_clone().map_err(|e| format!("clone: {e}"))?;
+    let pat = pattern.clone();
+    let sender = spawn(move || -> Res<f64> {
+        let mut sent = 0u64;
+        while sent < bytes {
+            let n = (bytes - sent).min(CHUNK as u64) as usize;
+            let at = (offset + (sent % PERIOD as u64) as usize) % PERIOD;
+            writer
+                .write_all(&pat[at..at + n])
+                .map_err(|e| format!("write after {sent} B: {e}"))?;
+            sent += n as u64;
+        }
+        let _ = writer.shutdown(Shutdown::Write);
+        Ok(start.elapsed().as_secs_f64())
+    })
+    .map_err(|e| format!("spawn: {e}"))?;
+    let received = check_echo(&stream, &pattern, offset, bytes, start);
+    if received.is_err() {
+        // Unblock the sender, which may wait for room the echo never frees.
+        let _ = stream.shutdown(Shutdown::Both);
+    }
+    let sent = sender
+        .join()
+        .unwrap_or_else(|_| Err("sender panicked".into()));
+    let (eof, received) = received?;
+    Ok(StreamTimes {
+        sent: sent?,
+        received,
+        eof,
+    })
+}
+
+/// Reads exactly `bytes` and compares them with the pattern; then waits for
+/// the end of stream. Returns (EOF seen, seconds since `start` when the
+/// last byte arrived).
+fn check_echo(
+    mut stream: &TcpStream,
+    pattern: &[u8],
+    offset: usize,
+    bytes: u64,
+    start: Instant,
+) -> Res<(bool, f64)> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < bytes {
+        let want = (bytes - got).min(CHUNK as u64) as usize;
+        let n = stream
+            .read(&mut buf[..want])
+            .map_err(|e| format!("read after {got} B: {e}"))?;
+        if n == 0 {
+            return Err(format!("stream ended after {got} of {bytes} bytes"));
+        }
+        let at = (offset + (got % PERIOD as u64) as usize) % PERIOD;
+        if buf[..n] != pattern[at..at + n] {
+            return Err(format!("wrong bytes in {got}..{}", got + n as u64));
+        }
+        got += n as u64;
+    }
+    let received = start.elapsed().as_secs_f64();
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    let eof = matches!(stream.read(&mut buf[..1]), Ok(0));
+    Ok((eof, received))
+}
+
+// ---- idle ----------------------------------------------------------------
+
+/// A process's resident set in KiB (`VmRSS` in `/proc/PID/status`).
+fn rss_kib(pid: u32) -> Res<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmRSS for pid {pid}"))
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> Res<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("cannot read /proc/{pid}/stat: {e}"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after ')'.
+    match (field(11), field(12)) {
+        (Some(u), Some(s)) => Ok(u + s),
+        _ => Err(format!("cannot parse /proc/{pid}/stat")),
+    }
+}
+
+/// CPU use of each process over `secs`, in percent of one core (assumes
+/// the usual 100 ticks per second).
+fn cpu_percent(pids: &[u32], secs: f64) -> Res<Vec<f64>> {
+    let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect::<Res<_>>()?;
+    let t = Instant::now();
+    thread::sleep(Duration::from_secs_f64(secs));
+    let elapsed = t.elapsed().as_secs_f64();
+    pids.iter()
+        .zip(before)
+        .map(|(&p, b)| Ok((cpu_ticks(p)? - b) as f64 / elapsed))
+        .collect()
+}
+
+fn stat(a: &StatArgs) -> Res<()> {
+    let cpu = cpu_percent(&a.pid, a.secs)?;
+    for (&pid, cpu) in a.pid.iter().zip(cpu) {
+        let rss = rss_kib(pid)?;
+        println!(
+            "pid {pid}: RSS {rss} KiB, CPU {cpu:.1} % over {:.1} s",
+            a.secs
+        );
+        println!("RESULT stat pid={pid} rss_kib={rss} cpu_pct={cpu:.1}");
+    }
+    Ok(())
+}
+
+fn idle(a: &IdleArgs) -> Res<()> {
+    let addr = resolve(&a.addr)?;
+    let before: Vec<u64> = a.pid.iter().map(|&p| rss_kib(p)).collect::<Res<_>>()?;
+    let opening = Instant::now();
+    let mut conns = open_idle(addr, a.conns)?;
+    let open_secs = opening.elapsed().as_secs_f64();
+    // Let the targets finish their side (pairing, returning buffers).
+    thread::sleep(Duration::from_secs_f64(a.hold));
+    let held: Vec<u64> = a.pid.iter().map(|&p| rss_kib(p)).collect::<Res<_>>()?;
+    let cpu = cpu_percent(&a.pid, 2.0)?;
+    let checking = Instant::now();
+    recheck(&mut conns)?;
+    let check_secs = checking.elapsed().as_secs_f64();
+    drop(conns);
+    thread::sleep(Duration::from_secs(1));
+    let after: Vec<u64> = a.pid.iter().map(|&p| rss_kib(p)).collect::<Res<_>>()?;
+    println!(
+        "idle {addr}: {} connections opened and echoed in {open_secs:.2} s; all echoed \
+         again after {:.1} s held ({check_secs:.2} s)",
+        a.conns, a.hold
+    );
+    for (i, &pid) in a.pid.iter().enumerate() {
+        let per = (held[i] as f64 - before[i] as f64) * 1024.0 / a.conns as f64;
+        println!(
+            "  pid {pid}: RSS {} KiB before, {} KiB holding, {} KiB after closing; \
+             {per:.0} B per client; CPU while held {:.1} %",
+            before[i], held[i], after[i], cpu[i]
+        );
+        println!(
+            "RESULT idle pid={pid} conns={} rss_before_kib={} rss_held_kib={} \
+             rss_after_kib={} per_client_b={per:.0} cpu_held_pct={:.1} errors=0",
+            a.conns, before[i], held[i], after[i], cpu[i]
+        );
+    }
+    Ok(())
+}
+
+/// Opens `n` connections (on a few threads), each echoing once.
+fn open_idle(addr: SocketAddr, n: usize) -> Res<Vec<TcpStream>> {
+    const OPENERS: usize = 4;
+    let per = n.div_ceil(OPENERS);
+    let mut handles = Vec::new();
+    for t in 0..OPENERS {
+        let range = (t * per)..((t + 1) * per).min(n);
+        let h = spawn(move || -> Res<Vec<TcpStream>> {
+            let mut out = Vec::with_capacity(range.len());
+            let (mut msg, mut back) = ([0; PROBE], [0; PROBE]);
+            for i in range {
+                let mut s = connect(addr).map_err(|e| format!("connection {i}: connect: {e}"))?;
+                stamp(&mut msg, i, 0);
+                echo_once(&mut s, &msg, &mut back).map_err(|e| format!("connection {i}: {e}"))?;
+                out.push(s);
+            }
+            Ok(out)
+        })
+        .map_err(|e| format!("spawn: {e}"))?;
+        handles.push(h);
+    }
+    let mut all = Vec::with_capacity(n);
+    for h in handles {
+        all.extend(h.join().unwrap_or_else(|_| Err("opener panicked".into()))?);
+    }
+    Ok(all)
+}
+
+/// Every held connection must still echo, with its own bytes.
+fn recheck(conns: &mut [TcpStream]) -> Res<()> {
+    let (mut msg, mut back) = ([0; PROBE], [0; PROBE]);
+    for (i, s) in conns.iter_mut().enumerate() {
+        stamp(&mut msg, i, 1);
+        echo_once(s, &msg, &mut back).map_err(|e| format!("held connection {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn free_port() -> Res<()> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    println!("{port}");
+    Ok(())
+}
+
+// ---- echo server -----------------------------------------------------------
+
+mod echo {
+    //! A small echo server: one mio loop per thread, each with its own
+    //! listener on the same port (`SO_REUSEPORT`: the kernel spreads
+    //! connections over them). One read buffer per loop; a connection
+    //! holds bytes only while its peer is not taking the echo (then we stop
+    //! reading it: backpressure). Half-close is carried: the peer's EOF is
+    //! answered with ours once everything was echoed.
+
+    use std::io::{self, Read, Write};
+    use std::net::{Shutdown, SocketAddr};
+    use std::time::{Duration, Instant};
+
+    use mio::net::{TcpListener, TcpStream};
+    use mio::{Events, Interest, Poll, Token};
+    use slab::Slab;
+    use socket2::{Domain, Socket, Type};
+
+    use super::{EchoArgs, Res, resolve};
+
+    const LISTENER: Token = Token(usize::MAX);
+    /// Reads per connection per turn before others get a go.
+    const BUDGET: usize = 16;
+    const BUF: usize = 64 << 10;
+
+    pub fn serve(a: &EchoArgs) -> Res<()> {
+        let mut addr = resolve(&a.listen)?;
+        let mut listeners = Vec::new();
+        for _ in 0..a.threads.max(1) {
+            let l = listen(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            addr = l.local_addr().map_err(|e| e.to_string())?;
+            listeners.push(l);
+        }
+        println!("{addr}");
+        let _ = io::stdout().flush();
+        let deadline = Instant::now() + Duration::from_secs_f64(a.secs);
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .map(|l| std::thread::spawn(move || run(l, deadline)))
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| "echo loop panicked".to_string())?
+                .map_err(|e| format!("echo loop failed: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        socket.set_nonblocking(true)?;
+        Ok(TcpListener::from_std(socket.into()))
+    }
+
+    struct Conn {
+        stream: TcpStream,
+        pending: Vec<u8>, // read but not yet echoed (the peer is slow)
+        readable: bool,   // set by events, cleared by WouldBlock
+        writable: bool,
+        eof: bool, // the peer shut its write half
+    }
+
+    enum Step {
+        Wait,  // nothing more until an event
+        Again, // budget spent with work left
+        Close,
+    }
+
+    fn run(mut listener: TcpListener, deadline: Instant) -> io::Result<()> {
+        let mut poll = Poll::new()?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        let mut conns: Slab<Conn> = Slab::new();
+        let mut buf = vec![0u8; BUF];
+        let mut again: Vec<usize> = Vec::new();
+        while Instant::now() < deadline {
+            let timeout = if again.is_empty() {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = poll.poll(&mut events, Some(timeout)) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            let mut ready = std::mem::take(&mut again);
+            for event in events.iter() {
+                if event.token() == LISTENER {
+                    accept(&listener, &poll, &mut conns, &mut ready);
+                    continue;
+                }
+                if let Some(c) = conns.get_mut(event.token().0) {
+                    c.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
+                    c.writable |=
+                        event.is_writable() || event.is_write_closed() || event.is_error();
+                    ready.push(event.token().0);
+                }
+            }
+            for key in ready {
+                let Some(c) = conns.get_mut(key) else {
+                    continue;
+                };
+                match pump(c, &mut buf) {
+                    Step::Wait => {}
+                    Step::Again => again.push(key),
+                    Step::Close => {
+                        let mut c = conns.remove(key);
+                        let _ = poll.registry().deregister(&mut c.stream);
+                        again.retain(|&k| k != key);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn accept(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>, ready: &mut Vec<usize>) {
+        loop {
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let entry = conns.vacant_entry();
+                    let interest = Interest::READABLE | Interest::WRITABLE;
+                    if poll
+                        .registry()
+                        .register(&mut stream, Token(entry.key()), interest)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    ready.push(entry.key());
+                    entry.insert(Conn {
+                        stream,
+                        pending: Vec::new(),
+                        readable: true,
+                        writable: true,
+                        eof: false,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // Out of descriptors or similar: try again on the next event.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Echoes what is readable, keeping what the peer cannot take yet.
+    fn pump(c: &mut Conn, buf: &mut [u8]) -> Step {
+        for _ in 0..BUDGET {
+            if !c.pending.is_empty() {
+                if !c.writable {
+                    return Step::Wait;
+                }
+                match c.stream.write(&c.pending) {
+                    Ok(n) => {
+                        c.pending.drain(..n);
+                        if c.pending.is_empty() {
+                            c.pending = Vec::new();
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        c.writable = false;
+                        return Step::Wait;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Step::Close,
+                }
+            }
+            if c.eof {
+                let _ = c.stream.shutdown(Shutdown::Write);
+                return Step::Close;
+            }
+            if !c.readable {
+                return Step::Wait;
+            }
+            match c.stream.read(buf) {
+                Ok(0) => c.eof = true,
+                Ok(n) => {
+                    if let Err(()) = echo_now(c, &buf[..n]) {
+                        return Step::Close;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.readable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Step::Close,
+            }
+        }
+        Step::Again
+    }
+
+    /// Writes `data` back at once; what does not fit waits in `pending`.
+    fn echo_now(c: &mut Conn, data: &[u8]) -> Result<(), ()> {
+        let mut at = 0;
+        while at < data.len() && c.writable {
+            match c.stream.write(&data[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => c.writable = false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(()),
+            }
+        }
+        c.pending.extend_from_slice(&data[at..]);
+        Ok(())
+    }
+}
