@@ -17,7 +17,9 @@
 # Knobs (environment): SECS (rr and churn duration, 5), RR_CONNS (100),
 # CHURN_THREADS (4), BULK1 (bytes each way, 1 stream, 1 GiB), BULK8 (bytes
 # each way per stream, 8 streams, 128 MiB), IDLE (connections held, 8000),
-# PATHS (subset of "direct relay tunnel bore"), KEEP=1 keeps the raw outputs.
+# PATHS (subset of "direct relay tunnel bore"), READY (dial-ins `expose`
+# keeps ready, 8; 0 for the plain protocol), SPLICE=1 (relays and expose
+# splice instead of copying through rings), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
 
@@ -29,6 +31,9 @@ BULK1=${BULK1:-$((1 << 30))}
 BULK8=${BULK8:-$((128 << 20))}
 IDLE=${IDLE:-8000}
 PATHS=${PATHS:-direct relay tunnel bore}
+READY=${READY:-8}
+# SPLICE=1: relays and expose move bytes with splice(2) (--splice).
+SPLICE=$([ "${SPLICE:-0}" = 1 ] && echo --splice)
 
 OUT=$(mktemp -d /tmp/relay-compare.XXXXXX)
 PIDS=()
@@ -89,7 +94,7 @@ PROC[direct]=$echo_server
 
 # Relay only: its own relay process, with the built-in echo app.
 REG1=$("$LOAD" free-port)
-start relay1 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG1" --relay-style random
+start relay1 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG1" --relay-style random $SPLICE
 wait_port "$REG1" || { note "relay did not start"; exit 1; }
 start echo_app "$RELAY" --log-level warn echo --relay "127.0.0.1:$REG1"
 ADDR[relay]=$(first_line "$OUT/echo_app.out") || { note "echo app did not register"; exit 1; }
@@ -97,9 +102,9 @@ PROC[relay]="$relay1 $echo_app"
 
 # Tunnel: a second relay, with `expose` forwarding to the echo server.
 REG2=$("$LOAD" free-port)
-start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random
+start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random $SPLICE
 wait_port "$REG2" || { note "relay did not start"; exit 1; }
-start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$ECHO_ADDR" --no-reconnect
+start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$ECHO_ADDR" --no-reconnect --ready "$READY" $SPLICE
 ADDR[tunnel]=$(first_line "$OUT/expose.out") || { note "expose did not register"; exit 1; }
 PROC[tunnel]="$relay2 $expose"
 

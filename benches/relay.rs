@@ -1,5 +1,5 @@
-//! Relay versus direct loopback: bulk throughput of one full-duplex stream,
-//! and the round trip of a 64-byte message.
+//! Relay versus direct loopback: bulk throughput of one and of eight
+//! concurrent full-duplex streams, and the round trip of a 64-byte message.
 //!
 //! Both sides run in this process, in the same run, so the ratio printed at
 //! the end compares like with like on whatever machine runs it:
@@ -19,11 +19,10 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, SamplingMode, Throughput};
 use tcp_relay::{Config, EchoApp, Relay, RunningEcho, RunningRelay};
 
-/// Bytes sent (and echoed back) per bulk iteration.
-const BULK: usize = 64 << 20;
 /// Size of one write and of the read buffer.
 const CHUNK: usize = 64 << 10;
 /// Period of the byte pattern: a prime, so it never lines up with chunk
@@ -39,22 +38,40 @@ fn pattern() -> Vec<u8> {
     (0..PERIOD + CHUNK).map(|i| (i % PERIOD) as u8).collect()
 }
 
-/// Sends `BULK` pattern bytes on one thread while reading and checking the
-/// echoed `BULK` on this one: both directions at once, as a real stream does.
-fn bulk_round(stream: &TcpStream, pattern: &[u8]) -> io::Result<()> {
+/// Sends `bytes` pattern bytes on every stream and reads back and checks
+/// the `bytes` echoed on each, all streams at once and both directions of
+/// each at once, as real streams do.
+fn bulk_round(streams: &[TcpStream], pattern: &[u8], bytes: usize) -> io::Result<()> {
+    thread::scope(|s| {
+        let rounds: Vec<_> = streams
+            .iter()
+            .map(|stream| s.spawn(move || duplex(stream, pattern, bytes)))
+            .collect();
+        // Join every stream before giving the first error, if any.
+        let mut result = Ok(());
+        for round in rounds {
+            result = result.and(round.join().expect("stream thread panicked"));
+        }
+        result
+    })
+}
+
+/// Sends `bytes` pattern bytes on one thread while reading and checking the
+/// echoed `bytes` on this one.
+fn duplex(stream: &TcpStream, pattern: &[u8], bytes: usize) -> io::Result<()> {
     let mut writer = stream.try_clone()?;
     thread::scope(|s| {
         let sender = s.spawn(move || -> io::Result<()> {
             let mut sent = 0;
-            while sent < BULK {
-                let n = CHUNK.min(BULK - sent);
+            while sent < bytes {
+                let n = CHUNK.min(bytes - sent);
                 let at = sent % PERIOD;
                 writer.write_all(&pattern[at..at + n])?;
                 sent += n;
             }
             Ok(())
         });
-        let received = check_echo(stream, pattern);
+        let received = check_echo(stream, pattern, bytes);
         if received.is_err() {
             // Unblock the sender, which may wait for room the echo never frees.
             let _ = stream.shutdown(Shutdown::Both);
@@ -64,17 +81,17 @@ fn bulk_round(stream: &TcpStream, pattern: &[u8]) -> io::Result<()> {
     })
 }
 
-/// Reads exactly `BULK` bytes and compares them with the pattern.
-fn check_echo(mut stream: &TcpStream, pattern: &[u8]) -> io::Result<()> {
+/// Reads exactly `bytes` bytes and compares them with the pattern.
+fn check_echo(mut stream: &TcpStream, pattern: &[u8], bytes: usize) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0;
-    while got < BULK {
-        let want = CHUNK.min(BULK - got);
+    while got < bytes {
+        let want = CHUNK.min(bytes - got);
         let n = stream.read(&mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("stream ended after {got} of {BULK} bytes"),
+                format!("stream ended after {got} of {bytes} bytes"),
             ));
         }
         let at = got % PERIOD;
@@ -184,25 +201,59 @@ type Tallies = [Mutex<Tally>; 2];
 
 const PATHS: [&str; 2] = ["relay", "direct"];
 
-/// Samples per benchmark: criterion's minimum for the 64 MiB rounds, more
-/// for the cheap round trips.
+/// A bulk benchmark: `streams` concurrent connections, each sending (and
+/// getting back) `per_stream` bytes per iteration.
+struct Bulk {
+    streams: usize,
+    per_stream: usize,
+}
+
+impl Bulk {
+    /// Bytes each way per iteration, over all streams.
+    fn total(&self) -> usize {
+        self.streams * self.per_stream
+    }
+
+    fn describe(&self) -> String {
+        let (n, mib) = (self.streams, self.per_stream >> 20);
+        let streams = if n == 1 { "stream" } else { "streams" };
+        format!("{n} {streams} x {mib} MiB each way")
+    }
+}
+
+const BULKS: [Bulk; 2] = [
+    Bulk {
+        streams: 1,
+        per_stream: 64 << 20,
+    },
+    Bulk {
+        streams: 8,
+        per_stream: 16 << 20,
+    },
+];
+
+/// Samples per benchmark: criterion's minimum for the bulk rounds (taken
+/// flat, so a slow iteration cannot stretch the run), more for the cheap
+/// round trips.
 const BULK_SAMPLES: usize = 10;
 const PING_SAMPLES: usize = 50;
 
-fn bench_throughput(c: &mut Criterion, addrs: [SocketAddr; 2], tallies: &Tallies) {
-    let pattern = pattern();
-    let mut group = c.benchmark_group("bulk_64MiB_echo_full_duplex");
-    group.throughput(Throughput::Bytes(BULK as u64));
-    group.sample_size(BULK_SAMPLES);
-    group.warm_up_time(Duration::from_secs(1));
-    group.measurement_time(Duration::from_secs(8));
+/// Benchmarks `round` on each path, on `connections` streams opened to that
+/// path beforehand, and tallies what each path timed.
+fn bench_paths(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    addrs: [SocketAddr; 2],
+    tallies: &Tallies,
+    connections: usize,
+    round: impl Fn(&[TcpStream]) -> io::Result<()>,
+) {
     for ((name, addr), tally) in PATHS.iter().zip(addrs).zip(tallies) {
-        let stream = connect(addr);
+        let streams: Vec<_> = (0..connections).map(|_| connect(addr)).collect();
         group.bench_function(*name, |b| {
             b.iter_custom(|iters| {
                 let start = Instant::now();
                 for _ in 0..iters {
-                    bulk_round(&stream, &pattern).expect("bulk transfer");
+                    round(&streams).expect(name);
                 }
                 let elapsed = start.elapsed();
                 tally.lock().expect("tally").add(iters, elapsed);
@@ -210,6 +261,24 @@ fn bench_throughput(c: &mut Criterion, addrs: [SocketAddr; 2], tallies: &Tallies
             })
         });
     }
+}
+
+fn bench_throughput(c: &mut Criterion, bulk: &Bulk, addrs: [SocketAddr; 2], tallies: &Tallies) {
+    let pattern = pattern();
+    let name = format!(
+        "bulk_{}x{}MiB_echo_full_duplex",
+        bulk.streams,
+        bulk.per_stream >> 20
+    );
+    let mut group = c.benchmark_group(name);
+    group.throughput(Throughput::Bytes(bulk.total() as u64));
+    group.sample_size(BULK_SAMPLES);
+    group.sampling_mode(SamplingMode::Flat);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(6));
+    bench_paths(&mut group, addrs, tallies, bulk.streams, |streams| {
+        bulk_round(streams, &pattern, bulk.per_stream)
+    });
     group.finish();
 }
 
@@ -220,20 +289,9 @@ fn bench_latency(c: &mut Criterion, addrs: [SocketAddr; 2], tallies: &Tallies) {
     group.sample_size(PING_SAMPLES);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
-    for ((name, addr), tally) in PATHS.iter().zip(addrs).zip(tallies) {
-        let stream = connect(addr);
-        group.bench_function(*name, |b| {
-            b.iter_custom(|iters| {
-                let start = Instant::now();
-                for _ in 0..iters {
-                    ping(&stream, &message).expect("round trip");
-                }
-                let elapsed = start.elapsed();
-                tally.lock().expect("tally").add(iters, elapsed);
-                elapsed
-            })
-        });
-    }
+    bench_paths(&mut group, addrs, tallies, 1, |streams| {
+        ping(&streams[0], &message)
+    });
     group.finish();
 }
 
@@ -249,22 +307,27 @@ fn main() {
     let relayed = relayed_echo().expect("start the relay and its echo app");
     let direct = direct_echo_server().expect("start the direct echo server");
     let addrs = [relayed.addr, direct];
-    let bulk = Tallies::default();
+    let bulk = BULKS.each_ref().map(|_| Tallies::default());
     let latency = Tallies::default();
 
     let mut c = Criterion::default().configure_from_args();
-    bench_throughput(&mut c, addrs, &bulk);
+    for (case, tallies) in BULKS.iter().zip(&bulk) {
+        bench_throughput(&mut c, case, addrs, tallies);
+    }
     bench_latency(&mut c, addrs, &latency);
     c.final_summary();
 
-    let mib_per_s = |secs: f64| BULK as f64 / secs / f64::from(1 << 20);
-    if let Some((relay, direct)) = medians(&bulk, BULK_SAMPLES) {
-        println!(
-            "throughput (64 MiB each way): relay {:.0} MiB/s, direct {:.0} MiB/s, relay/direct {:.2}",
-            mib_per_s(relay),
-            mib_per_s(direct),
-            direct / relay
-        );
+    for (case, tallies) in BULKS.iter().zip(&bulk) {
+        let mib_per_s = |secs: f64| case.total() as f64 / secs / f64::from(1 << 20);
+        if let Some((relay, direct)) = medians(tallies, BULK_SAMPLES) {
+            println!(
+                "throughput ({}): relay {:.0} MiB/s, direct {:.0} MiB/s, relay/direct {:.2}",
+                case.describe(),
+                mib_per_s(relay),
+                mib_per_s(direct),
+                direct / relay
+            );
+        }
     }
     if let Some((relay, direct)) = medians(&latency, PING_SAMPLES) {
         println!(

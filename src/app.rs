@@ -87,6 +87,8 @@ pub struct AgentConfig {
     /// a dial-in round trip. Each ready dial-in is served (connected to the
     /// local service) as soon as it is made. 0: do not ask.
     pub ready: usize,
+    /// Move bytes with `splice(2)` (Linux), as [`crate::Config::splice`].
+    pub splice: bool,
     /// Reconnect when the relay goes away (otherwise the agent stops with
     /// an error).
     pub reconnect: bool,
@@ -131,6 +133,7 @@ pub struct Agent {
 impl Agent {
     /// An agent that will connect to `config.relay` on its first turn.
     pub fn new(config: AgentConfig) -> io::Result<Agent> {
+        let splice = config.splice;
         let reactor = Reactor::new()?;
         let core = Core {
             registry: reactor.registry().try_clone()?,
@@ -141,7 +144,7 @@ impl Agent {
             on_registered: None,
             failure: None,
             conns: Slab::new(),
-            pool: BufferPool::new(BUFFER_SIZE, 16),
+            pool: BufferPool::new(BUFFER_SIZE, 16).with_splice(splice),
             requeued: Vec::new(),
             closing: Vec::new(),
             local_down: false,
@@ -261,6 +264,7 @@ impl EchoApp {
             port: None,
             secret: None,
             ready: 0,
+            splice: false,
             reconnect: false,
         })?;
         let relayed_port = agent.register()?;

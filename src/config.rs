@@ -78,6 +78,9 @@ pub struct Config {
     /// On SIGINT/SIGTERM, how long open pipes may drain before the relay
     /// exits anyway.
     pub grace: Duration,
+    /// Move bytes with `splice(2)` through kernel pipes instead of copying
+    /// them through rings (Linux; two more descriptors per active direction).
+    pub splice: bool,
 }
 
 /// A secret, kept out of debug output and logs.
@@ -113,6 +116,7 @@ impl Default for Config {
             register_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(600),
             grace: Duration::from_secs(10),
+            splice: false,
         }
     }
 }

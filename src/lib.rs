@@ -106,6 +106,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod buffer;
 pub mod config;
 pub mod pipe;
 pub mod pool;

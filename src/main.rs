@@ -82,6 +82,10 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, how long open pipes may drain before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     grace: Duration,
+    /// Move bytes with splice(2) through kernel pipes instead of user-space
+    /// rings (Linux; zero-copy for bulk, two descriptors per active direction).
+    #[arg(long)]
+    splice: bool,
 }
 
 /// The environment variable that may hold the secret.
@@ -116,6 +120,9 @@ struct ExposeArgs {
     /// local service), so new clients skip the dial-in round trip. At most 64.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     ready: u16,
+    /// Move bytes with splice(2) (Linux), as `serve --splice`.
+    #[arg(long)]
+    splice: bool,
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
@@ -166,6 +173,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         register_timeout: args.register_timeout,
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
+        splice: args.splice,
         ..Config::default()
     };
     raise_fd_limit();
@@ -183,6 +191,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         port: None,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
         ready: 0,
+        splice: false,
         reconnect: false,
     })
 }
@@ -200,6 +209,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         port: args.port,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
         ready: usize::from(args.ready),
+        splice: args.splice,
         reconnect: !args.no_reconnect,
     })
 }

@@ -22,9 +22,9 @@ use std::net::Shutdown;
 use mio::event::Event;
 use mio::net::TcpStream;
 
+use crate::buffer::Buffer;
 use crate::pool::BufferPool;
-use crate::ring::RingBuffer;
-use crate::sockio::{Io, read_into, reset_on_close, write_from};
+use crate::sockio::{Io, reset_on_close};
 
 /// Read/write rounds one direction may run per pump before yielding, so one
 /// fast pair cannot starve every other socket (at 64 KiB rings: up to 1 MiB).
@@ -119,8 +119,8 @@ pub enum Flow {
 /// write half, through a ring lent by the pool only while bytes are in flight.
 #[derive(Default)]
 pub struct Direction {
-    ring: Option<RingBuffer>, // Some only while bytes are buffered or being read
-    moved: u64,               // bytes written to the destination so far
+    ring: Option<Buffer>, // Some only while bytes are buffered or being read
+    moved: u64,           // bytes written to the destination so far
 }
 
 impl Direction {
@@ -158,12 +158,12 @@ impl Direction {
         rx: &mut RxState,
         pool: &mut BufferPool,
     ) -> Result<bool, Broken> {
-        if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(RingBuffer::is_full) {
+        if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(Buffer::is_full) {
             return Ok(false);
         }
         let ring = self.ring.get_or_insert_with(|| pool.take());
         let offered = ring.window();
-        match read_into(src, ring) {
+        match ring.fill_from(src) {
             Io::Moved(n) => {
                 // A short read drained the socket: Linux raises a new edge
                 // for every later arrival, so reading again now would only
@@ -171,15 +171,17 @@ impl Direction {
                 // small messages). Unless the peer already signalled its end
                 // or an error: that arrived before this read, and only a
                 // further read reports it.
-                if n < offered && !rx.ending {
+                if n < offered && !rx.ending && ring.short_fill_means_drained() {
                     rx.readable = false;
                 }
                 Ok(true)
             }
             Io::WouldBlock => {
                 // Nothing pending, not even an end: any end hint was stale.
-                rx.readable = false;
-                rx.ending = false;
+                if ring.would_block_means_drained() {
+                    rx.readable = false;
+                    rx.ending = false;
+                }
                 Ok(false)
             }
             Io::Eof => {
@@ -200,7 +202,7 @@ impl Direction {
         if !tx.writable {
             return Ok(false);
         }
-        match write_from(dst, ring) {
+        match ring.drain_to(dst) {
             Io::Moved(n) => {
                 self.moved += n as u64;
                 Ok(true)
@@ -215,7 +217,7 @@ impl Direction {
     }
 
     fn return_ring_if_empty(&mut self, pool: &mut BufferPool) {
-        if self.ring.as_ref().is_some_and(RingBuffer::is_empty)
+        if self.ring.as_ref().is_some_and(Buffer::is_empty)
             && let Some(ring) = self.ring.take()
         {
             pool.give(ring);
@@ -231,7 +233,7 @@ impl Direction {
 
     /// Bytes buffered in this direction.
     pub fn buffered(&self) -> usize {
-        self.ring.as_ref().map_or(0, RingBuffer::len)
+        self.ring.as_ref().map_or(0, Buffer::len)
     }
 }
 

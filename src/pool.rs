@@ -1,4 +1,5 @@
-//! Lends ring buffers to pipe directions only while bytes are in flight.
+//! Lends buffers (rings, or kernel pipes for splice) to pipe directions only
+//! while bytes are in flight.
 //!
 //! An idle pipe holds no buffer (invariant *Idle pipes hold no buffers*): a
 //! direction borrows one when its source becomes readable and gives it back
@@ -7,14 +8,17 @@
 //! reuse up to `max_idle`, so a busy relay does not allocate per read, and a
 //! burst that needed many buffers gives the memory back once it is over.
 
+use crate::buffer::{Buffer, KernelPipe};
 use crate::ring::RingBuffer;
 
-/// A free list of equally sized ring buffers.
+/// A free list of equally sized buffers: rings, or kernel pipes for splice.
 pub struct BufferPool {
-    free: Vec<RingBuffer>, // empty rings ready to lend
-    buffer_size: usize,    // capacity of every ring this pool lends
-    max_idle: usize,       // most rings kept on the free list
-    lent: usize,           // rings currently held by directions
+    free_rings: Vec<RingBuffer>, // empty rings ready to lend
+    free_pipes: Vec<KernelPipe>, // empty kernel pipes ready to lend
+    buffer_size: usize,          // capacity of every buffer this pool lends
+    max_idle: usize,             // most buffers of each kind kept free
+    lent: usize,                 // buffers currently held by directions
+    splice: bool,                // lend kernel pipes (falling back to rings)
 }
 
 impl BufferPool {
@@ -22,36 +26,64 @@ impl BufferPool {
     /// returned rings around.
     pub fn new(buffer_size: usize, max_idle: usize) -> Self {
         BufferPool {
-            free: Vec::new(),
+            free_rings: Vec::new(),
+            free_pipes: Vec::new(),
             buffer_size,
             max_idle,
             lent: 0,
+            splice: false,
         }
     }
 
-    /// An empty ring, reused when one is free.
-    pub fn take(&mut self) -> RingBuffer {
+    /// Lends kernel pipes for `splice(2)` instead of rings (Linux). When a
+    /// pipe cannot be made (out of descriptors), a ring is lent instead.
+    pub fn with_splice(mut self, splice: bool) -> Self {
+        self.splice = splice && cfg!(target_os = "linux");
+        self
+    }
+
+    /// An empty buffer, reused when one is free.
+    pub fn take(&mut self) -> Buffer {
         self.lent += 1;
-        self.free
-            .pop()
-            .unwrap_or_else(|| RingBuffer::new(self.buffer_size))
+        if self.splice {
+            let pipe = self
+                .free_pipes
+                .pop()
+                .map(Ok)
+                .unwrap_or_else(|| KernelPipe::new(self.buffer_size));
+            if let Ok(pipe) = pipe {
+                return Buffer::Kernel(pipe);
+            }
+        }
+        Buffer::Ring(
+            self.free_rings
+                .pop()
+                .unwrap_or_else(|| RingBuffer::new(self.buffer_size)),
+        )
     }
 
-    /// Takes a ring back; its contents are discarded.
-    pub fn give(&mut self, mut ring: RingBuffer) {
+    /// Takes a buffer back. A ring's contents are discarded; a kernel pipe
+    /// that still holds bytes cannot be emptied cheaply, so it is closed.
+    pub fn give(&mut self, buffer: Buffer) {
         self.lent = self.lent.saturating_sub(1);
-        if self.free.len() < self.max_idle {
-            ring.clear();
-            self.free.push(ring);
+        match buffer {
+            Buffer::Ring(mut ring) if self.free_rings.len() < self.max_idle => {
+                ring.clear();
+                self.free_rings.push(ring);
+            }
+            Buffer::Kernel(pipe) if pipe.is_empty() && self.free_pipes.len() < self.max_idle => {
+                self.free_pipes.push(pipe);
+            }
+            _ => {}
         }
     }
 
-    /// Rings currently lent out.
+    /// Buffers currently lent out.
     pub fn lent(&self) -> usize {
         self.lent
     }
 
-    /// Capacity of each ring.
+    /// Capacity of each buffer.
     pub fn buffer_size(&self) -> usize {
         self.buffer_size
     }
@@ -60,12 +92,15 @@ impl BufferPool {
 #[cfg(test)]
 mod tests {
     use super::BufferPool;
+    use crate::buffer::Buffer;
 
     #[test]
     fn reuses_returned_rings_and_counts_loans() {
         let mut pool = BufferPool::new(8, 1);
         let mut a = pool.take();
-        a.enqueue_slice(b"abc");
+        if let Buffer::Ring(ring) = &mut a {
+            ring.enqueue_slice(b"abc");
+        }
         let b = pool.take();
         assert_eq!(pool.lent(), 2);
         pool.give(a);
@@ -73,6 +108,6 @@ mod tests {
         assert_eq!(pool.lent(), 0);
         let again = pool.take();
         assert!(again.is_empty(), "a lent ring always starts empty");
-        assert_eq!(again.capacity(), 8);
+        assert_eq!(again.window(), 8);
     }
 }

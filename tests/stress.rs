@@ -66,6 +66,7 @@ struct Load {
     clients_per_app: usize, // the echo app included
     max_stream: u64,        // longest stream one way
     tiny_rings: bool,       // relay rings of 64 B to 4 KiB instead of 64 KiB
+    splice: bool,           // the relay splices through kernel pipes
 }
 
 /// The default relay: 200 clients, streams up to 4 MiB.
@@ -75,6 +76,19 @@ fn random_clients_through_several_apps_get_exactly_their_bytes() {
         clients_per_app: 50,
         max_stream: 4 * MIB,
         tiny_rings: false,
+        splice: false,
+    });
+}
+
+/// The same through a relay that splices through kernel pipes (with small
+/// pipes, so they fill and drain often).
+#[test]
+fn random_clients_through_spliced_pipes_get_exactly_their_bytes() {
+    stress(Load {
+        clients_per_app: 40,
+        max_stream: MIB,
+        tiny_rings: true,
+        splice: true,
     });
 }
 
@@ -86,6 +100,7 @@ fn random_clients_through_tiny_rings_get_exactly_their_bytes() {
         clients_per_app: 40,
         max_stream: 512 * KIB,
         tiny_rings: true,
+        splice: false,
     });
 }
 
@@ -102,6 +117,7 @@ fn stress(load: Load) {
         if let Some(ring) = ring {
             config.buffer_size = ring;
         }
+        config.splice = load.splice;
     });
     let mut apps: Vec<ScriptedApp> = (0..SCRIPTED_APPS)
         .map(|_| ScriptedApp::register(relay.reg_addr()))

@@ -169,7 +169,7 @@ impl Core {
     pub fn new(registry: Registry, config: Config, reg: TcpListener) -> io::Result<Core> {
         Ok(Core {
             registry,
-            pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE),
+            pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE).with_splice(config.splice),
             reg_addr: reg.local_addr()?,
             reg: Some(reg),
             config,

@@ -227,6 +227,7 @@ fn a_port_request_outside_the_range_is_refused() {
         secret: None,
         reconnect: true,
         ready: 0,
+        splice: false,
     })
     .expect("create the agent");
     match agent.register() {

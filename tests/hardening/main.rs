@@ -101,6 +101,7 @@ pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
         secret: secret.map(self::secret),
         reconnect: false,
         ready: 0,
+        splice: false,
     })
     .expect("create the agent")
 }
