@@ -18,8 +18,8 @@
 # CHURN_THREADS (4), BULK1 (bytes each way, 1 stream, 1 GiB), BULK8 (bytes
 # each way per stream, 8 streams, 128 MiB), IDLE (connections held, 8000),
 # PATHS (subset of "direct relay tunnel bore"), READY (dial-ins `expose`
-# keeps ready, 8; 0 for the plain protocol), SPLICE=1 (relays and expose
-# splice instead of copying through rings), KEEP=1 keeps the raw outputs.
+# keeps ready, 8; 0 for the plain protocol), SPLICE=0 (relays and expose
+# copy through rings instead of splicing), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
 
@@ -32,8 +32,9 @@ BULK8=${BULK8:-$((128 << 20))}
 IDLE=${IDLE:-8000}
 PATHS=${PATHS:-direct relay tunnel bore}
 READY=${READY:-8}
-# SPLICE=1: relays and expose move bytes with splice(2) (--splice).
-SPLICE=$([ "${SPLICE:-0}" = 1 ] && echo --splice)
+# SPLICE=0: relays and expose copy through rings (--no-splice) instead of
+# splice(2), the default.
+SPLICE=$([ "${SPLICE:-1}" = 0 ] && echo --no-splice)
 
 OUT=$(mktemp -d /tmp/relay-compare.XXXXXX)
 PIDS=()

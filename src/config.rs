@@ -79,7 +79,9 @@ pub struct Config {
     /// exits anyway.
     pub grace: Duration,
     /// Move bytes with `splice(2)` through kernel pipes instead of copying
-    /// them through rings (Linux; two more descriptors per active direction).
+    /// them through rings (Linux; two more descriptors per active direction,
+    /// and a ring whenever no pipe can be had). On by default on Linux: it
+    /// measured 1.3-1.5x the ring path's bulk throughput through a tunnel.
     pub splice: bool,
 }
 
@@ -116,7 +118,7 @@ impl Default for Config {
             register_timeout: Duration::from_secs(10),
             half_close_timeout: Duration::from_secs(600),
             grace: Duration::from_secs(10),
-            splice: false,
+            splice: cfg!(target_os = "linux"),
         }
     }
 }

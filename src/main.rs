@@ -82,10 +82,11 @@ struct ServeArgs {
     /// On SIGINT/SIGTERM, how long open pipes may drain before exiting.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     grace: Duration,
-    /// Move bytes with splice(2) through kernel pipes instead of user-space
-    /// rings (Linux; zero-copy for bulk, two descriptors per active direction).
+    /// Copy bytes through user-space rings instead of splice(2) through
+    /// kernel pipes (splice is the default on Linux: fewer copies for bulk,
+    /// two descriptors per direction while bytes are in flight).
     #[arg(long)]
-    splice: bool,
+    no_splice: bool,
 }
 
 /// The environment variable that may hold the secret.
@@ -120,9 +121,9 @@ struct ExposeArgs {
     /// local service), so new clients skip the dial-in round trip. At most 64.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     ready: u16,
-    /// Move bytes with splice(2) (Linux), as `serve --splice`.
+    /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
     #[arg(long)]
-    splice: bool,
+    no_splice: bool,
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
@@ -173,7 +174,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         register_timeout: args.register_timeout,
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
-        splice: args.splice,
+        splice: !args.no_splice && Config::default().splice,
         ..Config::default()
     };
     raise_fd_limit();
@@ -191,7 +192,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         port: None,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
         ready: 0,
-        splice: false,
+        splice: Config::default().splice,
         reconnect: false,
     })
 }
@@ -209,7 +210,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         port: args.port,
         secret: args.secret.map(|s| Secret(s.into_bytes())),
         ready: usize::from(args.ready),
-        splice: args.splice,
+        splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,
     })
 }
