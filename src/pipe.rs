@@ -134,13 +134,20 @@ impl Direction {
         dst: &TcpStream,
         tx: &mut TxState,
         pool: &mut BufferPool,
+        last: bool,
     ) -> Result<Flow, Broken> {
         for _ in 0..PUMP_BUDGET {
             let read = self.fill(src, rx, pool)?;
             let written = self.drain(dst, tx)?;
             self.return_ring_if_empty(pool);
             if rx.eof && self.ring.is_none() && !tx.shut {
-                shut_write(dst)?;
+                // When this is the last way still open, the sockets close as
+                // soon as it ends, and the close sends the FIN (every byte
+                // was read, so it is not a reset): `shutdown` would be one
+                // syscall per connection for nothing.
+                if !last {
+                    shut_write(dst)?;
+                }
                 tx.shut = true;
             }
             if !read && !written {
@@ -311,12 +318,14 @@ impl Pipe {
 
     fn pump_both(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
         let (a, b) = (&mut self.a, &mut self.b);
+        let ab_last = a.tx.shut;
         let ab = self
             .a_to_b
-            .pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool)?;
+            .pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool, ab_last)?;
+        let ba_last = b.tx.shut;
         let ba = self
             .b_to_a
-            .pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool)?;
+            .pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool, ba_last)?;
         if a.tx.shut && b.tx.shut {
             return Ok(Flow::Done);
         }
@@ -364,9 +373,14 @@ impl Echo {
             return Err(Broken::Reset);
         }
         let end = &mut self.end;
-        let result = self
-            .back
-            .pump(&end.stream, &mut end.rx, &end.stream, &mut end.tx, pool);
+        let result = self.back.pump(
+            &end.stream,
+            &mut end.rx,
+            &end.stream,
+            &mut end.tx,
+            pool,
+            true,
+        );
         self.broken = result.is_err();
         match result? {
             _ if end.tx.shut => Ok(Flow::Done),
