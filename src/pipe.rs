@@ -121,7 +121,14 @@ pub enum Flow {
 pub struct Direction {
     ring: Option<Buffer>, // Some only while bytes are buffered or being read
     moved: u64,           // bytes written to the destination so far
+    bulk: bool,           // the last read was large: splice (if on) pays off
 }
+
+/// A read at least this large marks a direction as bulk: its next buffer is
+/// a kernel pipe (when splicing), whose fixed cost per call only pays off for
+/// large transfers; small messages go through a ring, which is cheaper for
+/// them than two splices.
+const BULK_READ: usize = 16 * 1024;
 
 impl Direction {
     /// Moves bytes until nothing more can move or the budget is spent, then
@@ -168,10 +175,12 @@ impl Direction {
         if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(Buffer::is_full) {
             return Ok(false);
         }
-        let ring = self.ring.get_or_insert_with(|| pool.take());
+        let bulk = self.bulk;
+        let ring = self.ring.get_or_insert_with(|| pool.take(bulk));
         let offered = ring.window();
         match ring.fill_from(src) {
             Io::Moved(n) => {
+                self.bulk = n >= BULK_READ;
                 // A short read drained the socket: Linux raises a new edge
                 // for every later arrival, so reading again now would only
                 // earn an EAGAIN (a third of all syscalls in a profile of

@@ -42,10 +42,11 @@ impl BufferPool {
         self
     }
 
-    /// An empty buffer, reused when one is free.
-    pub fn take(&mut self) -> Buffer {
+    /// An empty buffer, reused when one is free: a kernel pipe if the pool
+    /// splices and the caller expects `bulk` traffic, else a ring.
+    pub fn take(&mut self, bulk: bool) -> Buffer {
         self.lent += 1;
-        if self.splice {
+        if self.splice && bulk {
             let pipe = self
                 .free_pipes
                 .pop()
@@ -97,16 +98,16 @@ mod tests {
     #[test]
     fn reuses_returned_rings_and_counts_loans() {
         let mut pool = BufferPool::new(8, 1);
-        let mut a = pool.take();
+        let mut a = pool.take(false);
         if let Buffer::Ring(ring) = &mut a {
             ring.enqueue_slice(b"abc");
         }
-        let b = pool.take();
+        let b = pool.take(false);
         assert_eq!(pool.lent(), 2);
         pool.give(a);
         pool.give(b); // beyond max_idle: dropped
         assert_eq!(pool.lent(), 0);
-        let again = pool.take();
+        let again = pool.take(false);
         assert!(again.is_empty(), "a lent ring always starts empty");
         assert_eq!(again.window(), 8);
     }
