@@ -71,12 +71,13 @@
 //!    room. When the destination stalls, the ring fills, reading stops, the
 //!    kernel's windows fill and the sender is slowed; when the ring drains,
 //!    reading resumes at once because the source's flag is still set.
-//! 5. **Bounded buffers.** Everything a peer controls is bounded: rings are
-//!    fixed-size ([`ring::RingBuffer`]), control lines are at most
+//! 5. **Bounded buffers.** Everything a peer controls is bounded: rings and
+//!    splice pipes are fixed-size ([`buffer::Buffer`]), control lines are at most
 //!    [`protocol::MAX_LINE`] bytes, an app's queue of waiting clients and of
 //!    control bytes is capped.
-//! 6. **Idle pipes hold no buffers.** A direction borrows a ring from the
-//!    [`pool::BufferPool`] only while bytes are in flight.
+//! 6. **Idle pipes hold no buffers.** A direction borrows a ring (or, for
+//!    bulk with splice, a kernel pipe) from the [`pool::BufferPool`] only
+//!    while bytes are in flight.
 //! 7. **Deferred close.** Handlers only schedule closes; the loop reaps after
 //!    the turn, so a slot is never reused while an event for its previous
 //!    occupant may still be pending in the same batch.
