@@ -236,6 +236,17 @@ struct Tally {
     error: Option<String>,
 }
 
+impl Tally {
+    /// Counts one finished operation that started at `*since`, and moves
+    /// `*since` to now (the start of the next one).
+    fn count_since(&mut self, since: &mut Instant) {
+        let then = *since;
+        *since = Instant::now();
+        self.samples.record(*since - then);
+        self.done += 1;
+    }
+}
+
 /// Joins worker threads, folding their tallies; errors are counted and the
 /// first is kept.
 fn join_all(handles: Vec<thread::JoinHandle<Tally>>) -> (u64, Samples, usize, Option<String>) {
@@ -330,10 +341,7 @@ fn rr_worker(
             tally.error = Some(format!("conn {conn}, request {}: {e}", tally.done));
             break;
         }
-        let then = now;
-        now = Instant::now();
-        tally.samples.record(now - then);
-        tally.done += 1;
+        tally.count_since(&mut now);
     }
     tally
 }
@@ -388,10 +396,7 @@ fn churn_worker(addr: SocketAddr, worker: usize, barrier: &Barrier, run_for: Dur
             tally.error = Some(format!("thread {worker}, connection {}: {e}", tally.done));
             break;
         }
-        let then = now;
-        now = Instant::now();
-        tally.samples.record(now - then);
-        tally.done += 1;
+        tally.count_since(&mut now);
     }
     tally
 }

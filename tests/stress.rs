@@ -726,10 +726,7 @@ impl Drop for ScriptedApp {
     fn drop(&mut self) {
         let _ = self.control.shutdown(Shutdown::Both);
         if let Some(reader) = self.reader.take() {
-            let result = reader.join();
-            if !thread::panicking() {
-                result.expect("a control reader panicked");
-            }
+            join_unless_panicking(reader, "a control reader");
         }
     }
 }

@@ -353,12 +353,7 @@ impl TestApp {
     fn close(&mut self) {
         let _ = self.control.shutdown(Shutdown::Both);
         if let Some(reader) = self.reader.take() {
-            let result = reader.join();
-            // A second panic while a failing test unwinds would abort the
-            // whole test binary; the first failure is the one to report.
-            if !thread::panicking() {
-                result.expect("the control reader thread panicked");
-            }
+            join_unless_panicking(reader, "the control reader thread");
         }
     }
 }
@@ -366,6 +361,16 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+/// Joins a helper thread, failing the test if it panicked, unless the test
+/// is already unwinding: a second panic then would abort the whole test
+/// binary, and the first failure is the one to report.
+pub fn join_unless_panicking<T>(handle: JoinHandle<T>, what: &str) {
+    let result = handle.join();
+    if !thread::panicking() {
+        result.unwrap_or_else(|_| panic!("{what} panicked"));
     }
 }
 
@@ -434,10 +439,7 @@ impl Drop for ServingApp {
     fn drop(&mut self) {
         let _ = self.control.shutdown(Shutdown::Both);
         if let Some(thread) = self.thread.take() {
-            let result = thread.join();
-            if !thread::panicking() {
-                result.expect("the serving thread panicked");
-            }
+            join_unless_panicking(thread, "the serving thread");
         }
     }
 }
