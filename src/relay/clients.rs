@@ -31,6 +31,11 @@ impl Core {
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
         };
+        no_delay(&stream);
+        if let Some(spare) = app.spares.pop_front() {
+            app.refusing = false;
+            return self.hand_spare(app_key, spare, stream, peer, now);
+        }
         let full = app.waiting.len() >= max_waiting || !app.control.has_room(80);
         let dial_token = if token_wanted {
             DialToken::random().ok()
@@ -50,12 +55,10 @@ impl Core {
             return reset_on_close(&stream);
         }
         app.refusing = false;
-        let spare = app.spares.pop_front();
         let (line, relayed_port) = (
             dial_line(app.dial_port, dial_token.as_ref()),
             app.relayed_port,
         );
-        no_delay(&stream);
         let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let interest = Interest::READABLE | Interest::WRITABLE;
@@ -72,19 +75,48 @@ impl Core {
             Ok(key) => key,
             Err(e) => return log::warn!("client {peer} dropped: cannot register: {e}"),
         };
-        if let Some(Conn::Standby(spare)) = spare.and_then(|spare| self.take(spare)) {
-            log::debug!("client {peer} on port {relayed_port}: handed a ready dial-in");
-            self.pair(key, spare.stream, true, now);
-            self.top_up(app_key);
-            return self.serve_control(app_key);
-        }
         self.timers.add(now + self.config.dial_in_timeout, key, id);
         if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
             app.waiting.push_back(key);
             app.control.queue(&line);
         }
         log::debug!("client {peer} on port {relayed_port}: asked its app to dial in");
-        self.serve_control(app_key);
+        self.flush_later(app_key);
+    }
+
+    /// Hands a new client the app's oldest ready dial-in: the client joins
+    /// the ready dial-in's entry (Standby => Piping), so nothing is
+    /// re-registered; then a replacement is asked for.
+    fn hand_spare(
+        &mut self,
+        app_key: usize,
+        spare: usize,
+        mut client: TcpStream,
+        peer: SocketAddr,
+        now: Instant,
+    ) {
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self
+            .registry
+            .register(&mut client, token(spare, CLIENT), interest)
+        {
+            return log::warn!("client {peer} dropped: cannot register: {e}");
+        }
+        let id = self.next_id();
+        self.transition(spare, |conn| match conn {
+            Conn::Standby(ready) => Conn::Piping(Piped {
+                pipe: Pipe::new(Endpoint::new(client), Endpoint::new(ready.stream)),
+                id,
+                last_moved: now,
+                moved: 0,
+                timer_armed: false,
+            }),
+            other => other,
+        });
+        log::debug!("client {peer}: handed a ready dial-in");
+        self.pump(spare, now);
+        self.top_up(app_key);
+        self.flush_later(app_key);
     }
 
     /// A dial-in. With a secret it must present its client's token first;
@@ -192,9 +224,9 @@ impl Core {
         }
         let inserted = self.insert(|key, registry| {
             let moved = if registered {
-                registry.reregister(&mut stream, token(key, 0), Interest::READABLE)
+                registry.reregister(&mut stream, token(key, DIAL_IN), Interest::READABLE)
             } else {
-                registry.register(&mut stream, token(key, 0), Interest::READABLE)
+                registry.register(&mut stream, token(key, DIAL_IN), Interest::READABLE)
             };
             moved.map(|()| {
                 Conn::Standby(Spare {
@@ -255,7 +287,7 @@ impl Core {
             let app_key = spare.app;
             self.close(key, Ending::Gone);
             self.top_up(app_key);
-            self.serve_control(app_key);
+            self.flush_later(app_key);
         }
     }
 

@@ -30,8 +30,9 @@ pub(super) const CONTROL: usize = 0;
 pub(super) const RELAYED: usize = 1;
 pub(super) const DIAL: usize = 2;
 
-/// Sockets of a client entry, by sub-token. A presenting or ready dial-in
-/// is an entry of its own, with its socket at sub-token 0.
+/// Sockets of a client entry, by sub-token. A presenting dial-in is an entry
+/// of its own, with its socket at sub-token 0; a ready dial-in is an entry
+/// of its own with its socket at `DIAL_IN`, so that a client can join it.
 pub(super) const CLIENT: usize = 0;
 pub(super) const DIAL_IN: usize = 1;
 
@@ -121,6 +122,7 @@ pub(super) struct Core {
     pub crowded: Alarm,                // the app limit is being hit
     pub draining: Option<Instant>,     // shutting down: pipes may drain until then
     pub reserve: Option<File>,         // a descriptor held back for a dial-in at EMFILE
+    pub unflushed: Vec<usize>,         // apps with dial lines queued this turn
 }
 
 impl Handler for Core {
@@ -146,6 +148,9 @@ impl Handler for Core {
         due.sort_by_key(|&listener| !is_dial_listener(listener));
         self.requeued.extend(due);
         self.expire(now);
+        for app in std::mem::take(&mut self.unflushed) {
+            self.serve_control(app);
+        }
         self.reap();
         if self.reserve.is_none() {
             self.reserve = reserve();
@@ -186,6 +191,7 @@ impl Core {
             crowded: Alarm::default(),
             draining: None,
             reserve: reserve(),
+            unflushed: Vec::new(),
         })
     }
 
@@ -243,7 +249,7 @@ impl Core {
             // A dial-in presenting its token.
             (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
             // A ready dial-in: readable means data from the app, or its death.
-            (Some(Conn::Standby(_)), 0) => self.check_spare(key),
+            (Some(Conn::Standby(_)), DIAL_IN) => self.check_spare(key),
             // A pipe: record readiness on the right side, then move bytes.
             (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
                 if let Some(event) = event {
@@ -334,6 +340,16 @@ impl Core {
         self.census.entered(conn);
         log::trace!("#{key}: => {}", conn.name());
         Ok(key)
+    }
+
+    /// Writes an app's queued dial lines at the end of this turn rather than
+    /// now: clients that arrive in one turn then cost their app one write
+    /// (and it one read), not one each. Still within the turn, so no line
+    /// waits for an event (the writable invariant).
+    pub fn flush_later(&mut self, app: usize) {
+        if !self.unflushed.contains(&app) {
+            self.unflushed.push(app);
+        }
     }
 
     /// A fresh identity for an entry with a timer.
