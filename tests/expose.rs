@@ -473,8 +473,11 @@ fn ready_dial_ins_serve_clients_and_are_replaced() {
     });
     wait_for_stats(&relay, "four ready dial-ins", |s| s.ready_dial_ins == 4);
     let public = local(agent.relayed_port());
+    // Small and large: a large stream fills the socket buffers, so the
+    // ready dial-in must deliver writable edges to the pipe it joins.
     for i in 0..10u64 {
-        let request = Pattern::new(i).bytes(0, 10_000);
+        let size = if i % 3 == 0 { 8 << 20 } else { 10_000 };
+        let request = Pattern::new(i).bytes(0, size);
         assert!(exchange(public, &request) == request, "client {i}");
     }
     wait_for_stats(&relay, "the ready dial-ins replaced", |s| {

@@ -222,11 +222,14 @@ impl Core {
         if app.spares.len() >= app.ready {
             return log::debug!("dial-in closed: no client is waiting");
         }
+        // Writable too, though a ready dial-in writes nothing: a client will
+        // join this entry as it is, and its pipe needs the writable edges.
+        let interest = Interest::READABLE | Interest::WRITABLE;
         let inserted = self.insert(|key, registry| {
             let moved = if registered {
-                registry.reregister(&mut stream, token(key, DIAL_IN), Interest::READABLE)
+                registry.reregister(&mut stream, token(key, DIAL_IN), interest)
             } else {
-                registry.register(&mut stream, token(key, DIAL_IN), Interest::READABLE)
+                registry.register(&mut stream, token(key, DIAL_IN), interest)
             };
             moved.map(|()| {
                 Conn::Standby(Spare {
