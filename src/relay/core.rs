@@ -249,10 +249,10 @@ impl Core {
             // A dial-in presenting its token.
             (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
             // A ready dial-in: readable means data from the app, or its death.
-            (Some(Conn::Standby(_)), DIAL_IN) => {
-                if event.is_none_or(|e| e.is_readable() || e.is_read_closed() || e.is_error()) {
-                    self.check_spare(key);
-                }
+            (Some(Conn::Standby(_)), DIAL_IN)
+                if event.is_none_or(|e| e.is_readable() || e.is_read_closed() || e.is_error()) =>
+            {
+                self.check_spare(key);
             }
             // A pipe: record readiness on the right side, then move bytes.
             (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
