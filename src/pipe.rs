@@ -50,6 +50,7 @@ pub struct Endpoint {
     pub stream: TcpStream,
     pub rx: RxState,
     pub tx: TxState,
+    error_hint: bool, // an event reported a socket error: check before pumping
 }
 
 impl Endpoint {
@@ -72,7 +73,19 @@ impl Endpoint {
                 writable: true,
                 shut: false,
             },
+            error_hint: false,
         }
+    }
+
+    /// Whether the socket has a pending error (a reset), if an event hinted
+    /// at one. Needed because a reset that follows the peer's FIN would
+    /// otherwise go unseen: a read half at EOF is never read again, and the
+    /// other way may have nothing to write.
+    fn reset_pending(&mut self) -> bool {
+        if !std::mem::take(&mut self.error_hint) {
+            return false;
+        }
+        !matches!(self.stream.take_error(), Ok(None))
     }
 
     /// Records what an event says. Closed and error flags are hints: they
@@ -84,6 +97,7 @@ impl Endpoint {
         if event.is_read_closed() || event.is_error() {
             self.rx.ending = true;
         }
+        self.error_hint |= event.is_error();
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.tx.writable = true;
         }
@@ -327,6 +341,9 @@ impl Pipe {
 
     fn pump_both(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
         let (a, b) = (&mut self.a, &mut self.b);
+        if a.reset_pending() || b.reset_pending() {
+            return Err(Broken::Reset);
+        }
         let ab_last = a.tx.shut;
         let ab = self
             .a_to_b
@@ -382,6 +399,10 @@ impl Echo {
             return Err(Broken::Reset);
         }
         let end = &mut self.end;
+        if end.reset_pending() {
+            self.broken = true;
+            return Err(Broken::Reset);
+        }
         let result = self.back.pump(
             &end.stream,
             &mut end.rx,

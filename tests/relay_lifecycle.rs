@@ -274,3 +274,29 @@ fn clients_beyond_the_waiting_limit_are_closed() {
     drop((first, second));
     assert_no_leftovers(&relay);
 }
+
+/// A client that ends its stream (FIN) and then resets: the relay notices
+/// the reset although it no longer reads that side, and resets the app's
+/// dial-in at once instead of leaving the pipe half-closed until the idle
+/// timeout.
+#[test]
+fn a_reset_after_a_fin_still_reaches_the_app() {
+    let relay = start_relay();
+    let app = TestApp::register(relay.reg_addr());
+    let mut client = connect(app.relayed_addr());
+    let mut dial_in = app.dial_in();
+    client.write_all(b"last words").expect("client writes");
+    client
+        .shutdown(Shutdown::Write)
+        .expect("client ends its stream");
+    assert_eq!(read_exactly(&mut dial_in, 10), b"last words");
+    let (ended, _) = read_until_closed(&mut dial_in.try_clone().expect("clone"));
+    assert!(
+        matches!(ended, Ended::Eof),
+        "the FIN is carried first: {ended:?}"
+    );
+    set_reset_on_drop(&client);
+    drop(client);
+    wait_for_stats(&relay, "the reset pipe to be closed", |s| s.pipes == 0);
+    assert_no_leftovers(&relay);
+}
