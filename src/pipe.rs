@@ -260,11 +260,6 @@ impl Direction {
             pool.give(ring);
         }
     }
-
-    /// Bytes buffered in this direction.
-    pub fn buffered(&self) -> usize {
-        self.ring.as_ref().map_or(0, Buffer::len)
-    }
 }
 
 fn shut_write(stream: &TcpStream) -> Result<(), Broken> {
@@ -273,13 +268,6 @@ fn shut_write(stream: &TcpStream) -> Result<(), Broken> {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(Broken::Reset),
         Err(e) => Err(Broken::Failed(e)),
     }
-}
-
-/// Which socket of a [`Pipe`] an event is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    A,
-    B,
 }
 
 /// Two sockets piped both ways. Finished when both write halves are shut,
@@ -301,14 +289,6 @@ impl Pipe {
             a_to_b: Direction::default(),
             b_to_a: Direction::default(),
             broken: false,
-        }
-    }
-
-    /// The endpoint on `side`.
-    pub fn endpoint_mut(&mut self, side: Side) -> &mut Endpoint {
-        match side {
-            Side::A => &mut self.a,
-            Side::B => &mut self.b,
         }
     }
 

@@ -83,11 +83,6 @@ impl BufferPool {
     pub fn lent(&self) -> usize {
         self.lent
     }
-
-    /// Capacity of each buffer.
-    pub fn buffer_size(&self) -> usize {
-        self.buffer_size
-    }
 }
 
 #[cfg(test)]
