@@ -22,7 +22,7 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
-use std::sync::Barrier;
+use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -237,6 +237,15 @@ struct Tally {
 }
 
 impl Tally {
+    /// A worker that could not run at all.
+    fn failed(why: &str) -> Tally {
+        Tally {
+            done: 0,
+            samples: Samples::default(),
+            error: Some(why.into()),
+        }
+    }
+
     /// Counts one finished operation that started at `*since`, and moves
     /// `*since` to now (the start of the next one).
     fn count_since(&mut self, since: &mut Instant) {
@@ -252,11 +261,9 @@ impl Tally {
 fn join_all(handles: Vec<thread::JoinHandle<Tally>>) -> (u64, Samples, usize, Option<String>) {
     let (mut done, mut samples, mut errors, mut first) = (0, Samples::default(), 0, None);
     for handle in handles {
-        let tally = handle.join().unwrap_or_else(|_| Tally {
-            done: 0,
-            samples: Samples::default(),
-            error: Some("worker panicked".into()),
-        });
+        let tally = handle
+            .join()
+            .unwrap_or_else(|_| Tally::failed("worker panicked"));
         done += tally.done;
         samples.merge(tally.samples);
         if let Some(e) = tally.error {
@@ -265,6 +272,27 @@ fn join_all(handles: Vec<thread::JoinHandle<Tally>>) -> (u64, Samples, usize, Op
         }
     }
     (done, samples, errors, first)
+}
+
+/// Starts `n` workers made by `make(index, barrier)`, releases them at once
+/// through the barrier, and folds their tallies; also returns the seconds
+/// from release to the last worker's end.
+fn run_workers<W>(
+    n: usize,
+    mut make: impl FnMut(usize, Arc<Barrier>) -> W,
+) -> Res<(u64, Samples, usize, Option<String>, f64)>
+where
+    W: FnOnce() -> Tally + Send + 'static,
+{
+    let barrier = Arc::new(Barrier::new(n + 1));
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        handles.push(spawn(make(i, barrier.clone())).map_err(|e| format!("spawn: {e}"))?);
+    }
+    barrier.wait();
+    let start = Instant::now();
+    let (done, samples, errors, first) = join_all(handles);
+    Ok((done, samples, errors, first, start.elapsed().as_secs_f64()))
 }
 
 fn report_errors(mode: &str, errors: usize, first: Option<String>) -> Res<()> {
@@ -288,19 +316,16 @@ fn rr(a: &RrArgs) -> Res<()> {
         echo_once(&mut s, &msg, &mut vec![0; a.size])?;
         streams.push(s);
     }
-    let barrier = std::sync::Arc::new(Barrier::new(a.conns + 1));
     let run_for = Duration::from_secs_f64(a.secs);
-    let mut handles = Vec::new();
-    for (conn, stream) in streams.into_iter().enumerate() {
-        let (barrier, size) = (barrier.clone(), a.size);
-        let h = spawn(move || rr_worker(stream, conn, size, &barrier, run_for))
-            .map_err(|e| format!("spawn: {e}"))?;
-        handles.push(h);
-    }
-    barrier.wait();
-    let start = Instant::now();
-    let (done, mut lat, errors, first) = join_all(handles);
-    let secs = start.elapsed().as_secs_f64();
+    let size = a.size;
+    let mut streams = streams.into_iter();
+    let (done, mut lat, errors, first, secs) = run_workers(a.conns, |conn, barrier| {
+        let stream = streams.next();
+        move || match stream {
+            Some(stream) => rr_worker(stream, conn, size, &barrier, run_for),
+            None => Tally::failed("no connection"),
+        }
+    })?;
     let rate = done as f64 / secs;
     let (p50, p99, p999) = (
         lat.quantile_us(0.5),
@@ -350,19 +375,10 @@ fn rr_worker(
 
 fn churn(a: &ChurnArgs) -> Res<()> {
     let addr = resolve(&a.addr)?;
-    let barrier = std::sync::Arc::new(Barrier::new(a.conns + 1));
     let run_for = Duration::from_secs_f64(a.secs);
-    let mut handles = Vec::new();
-    for worker in 0..a.conns {
-        let barrier = barrier.clone();
-        let h = spawn(move || churn_worker(addr, worker, &barrier, run_for))
-            .map_err(|e| format!("spawn: {e}"))?;
-        handles.push(h);
-    }
-    barrier.wait();
-    let start = Instant::now();
-    let (done, mut lat, errors, first) = join_all(handles);
-    let secs = start.elapsed().as_secs_f64();
+    let (done, mut lat, errors, first, secs) = run_workers(a.conns, |worker, barrier| {
+        move || churn_worker(addr, worker, &barrier, run_for)
+    })?;
     let rate = done as f64 / secs;
     let (p50, p99) = (lat.quantile_us(0.5), lat.quantile_us(0.99));
     println!(
