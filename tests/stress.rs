@@ -14,11 +14,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::thread::{self, Scope};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -119,8 +119,8 @@ fn stress(load: Load) {
         }
         config.splice = load.splice;
     });
-    let mut apps: Vec<ScriptedApp> = (0..SCRIPTED_APPS)
-        .map(|_| ScriptedApp::register(relay.reg_addr()))
+    let mut apps: Vec<TestApp> = (0..SCRIPTED_APPS)
+        .map(|_| TestApp::register(relay.reg_addr()))
         .collect();
     let echo = EchoApp::connect(relay.reg_addr()).expect("register the echo app");
     let mut addrs: Vec<SocketAddr> = apps.iter().map(|a| local(a.relayed_port)).collect();
@@ -672,66 +672,6 @@ fn report(reading: Reading, written: u64, write_end: End) -> Report {
 }
 
 // ---------------------------------------------------------------------------
-// The scripted apps
-
-/// An app whose dial-ins this file answers: registers like `TestApp`, and a
-/// thread forwards each dial line's port; `Run::answer` dials in.
-struct ScriptedApp {
-    control: TcpStream,                     // our end of the control connection
-    relayed_port: u16,                      // from the established line
-    dial_ports: Receiver<u16>,              // one per dial line
-    reader: Option<thread::JoinHandle<()>>, // reads the dial lines
-}
-
-impl ScriptedApp {
-    fn register(reg: SocketAddr) -> ScriptedApp {
-        let control = connect(reg);
-        let mut lines = BufReader::new(control.try_clone().expect("clone the control stream"));
-        let mut line = String::new();
-        lines
-            .read_line(&mut line)
-            .expect("read the established line");
-        let relayed_port = line
-            .strip_prefix(ESTABLISHED_PREFIX)
-            .and_then(|rest| rest.strip_suffix('\n'))
-            .and_then(|port| port.parse().ok())
-            .unwrap_or_else(|| panic!("bad established line {line:?}"));
-        // Silent while no client comes: only a close ends the reader.
-        lines
-            .get_ref()
-            .set_read_timeout(None)
-            .expect("clear the read timeout");
-        let (tx, dial_ports) = mpsc::channel();
-        let reader = thread::spawn(move || {
-            for line in lines.lines() {
-                let Ok(line) = line else { return };
-                let port = line
-                    .parse()
-                    .unwrap_or_else(|e| panic!("bad dial line {line:?}: {e}"));
-                if tx.send(port).is_err() {
-                    return;
-                }
-            }
-        });
-        ScriptedApp {
-            control,
-            relayed_port,
-            dial_ports,
-            reader: Some(reader),
-        }
-    }
-}
-
-impl Drop for ScriptedApp {
-    fn drop(&mut self) {
-        let _ = self.control.shutdown(Shutdown::Both);
-        if let Some(reader) = self.reader.take() {
-            join_unless_panicking(reader, "a control reader");
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
 // The run
 
 /// Everything the threads of one run share.
@@ -782,7 +722,7 @@ impl Run {
     }
 
     /// Runs every pair; returns the most pipes the relay held at once.
-    fn go(&self, relay: &RunningRelay, apps: &mut [ScriptedApp]) -> usize {
+    fn go(&self, relay: &RunningRelay, apps: &mut [TestApp]) -> usize {
         thread::scope(|s| {
             // `&mut`: a channel's receiver may move between threads, not be shared.
             for (index, app) in apps.iter_mut().enumerate() {
@@ -823,9 +763,9 @@ impl Run {
     /// Dials in for every dial line of app `index`, each dial-in served on a
     /// thread of its own, until every client has finished. (Lines left then
     /// belong to clients that reset before they were paired.)
-    fn answer<'s>(&'s self, s: &'s Scope<'s, '_>, index: usize, app: &mut ScriptedApp) {
+    fn answer<'s>(&'s self, s: &'s Scope<'s, '_>, index: usize, app: &mut TestApp) {
         loop {
-            match app.dial_ports.recv_timeout(POLL) {
+            match app.poll_dial_port(POLL) {
                 Ok(port) => {
                     let dial_in = connect(local(port));
                     s.spawn(move || self.serve(index, dial_in));

@@ -286,6 +286,12 @@ impl TestApp {
         }
     }
 
+    /// The port of the next dial line if one comes within `wait`; a
+    /// `Disconnected` error means the relay closed the control connection.
+    pub fn poll_dial_port(&self, wait: Duration) -> Result<u16, RecvTimeoutError> {
+        self.dial_ports.recv_timeout(wait)
+    }
+
     /// Waits for the next dial line and dials in from 127.0.0.1.
     pub fn dial_in(&self) -> TcpStream {
         connect(local(self.next_dial_port()))
