@@ -13,7 +13,7 @@
 //! event said so, or the endpoint is new and missed earlier events): that
 //! news came before the read, and only a further read reports it. When a
 //! destination is full we simply stop reading its source; the source's flag
-//! stays set, and the moment the ring drains reading resumes without waiting
+//! stays set, and the moment the buffer drains reading resumes without waiting
 //! for an event that will never come (invariant *Backpressure*).
 
 use std::io;
@@ -130,12 +130,13 @@ pub enum Flow {
 }
 
 /// One way of a stream: bytes from a source read half to a destination
-/// write half, through a ring lent by the pool only while bytes are in flight.
+/// write half, through a buffer (a ring, or a kernel pipe for bulk) lent
+/// by the pool only while bytes are in flight.
 #[derive(Default)]
 pub struct Direction {
-    ring: Option<Buffer>, // Some only while bytes are buffered or being read
-    moved: u64,           // bytes written to the destination so far
-    bulk: bool,           // the last read was large: splice (if on) pays off
+    buffer: Option<Buffer>, // Some only while bytes are buffered or being read
+    moved: u64,             // bytes written to the destination so far
+    bulk: bool,             // the last read was large: splice (if on) pays off
 }
 
 /// A read at least this large marks a direction as bulk: its next buffer is
@@ -160,8 +161,8 @@ impl Direction {
         for _ in 0..PUMP_BUDGET {
             let read = self.fill(src, rx, pool)?;
             let written = self.drain(dst, tx)?;
-            self.return_ring_if_empty(pool);
-            if rx.eof && self.ring.is_none() && !tx.shut {
+            self.return_buffer_if_empty(pool);
+            if rx.eof && self.buffer.is_none() && !tx.shut {
                 // When this is the last way still open, the sockets close as
                 // soon as it ends, and the close sends the FIN (every byte
                 // was read, so it is not a reset): `shutdown` would be one
@@ -178,7 +179,7 @@ impl Direction {
         Ok(Flow::More)
     }
 
-    /// One read into the ring, if the source is readable and the ring has
+    /// One read into the buffer, if the source is readable and the buffer has
     /// room. Returns whether anything happened.
     fn fill(
         &mut self,
@@ -186,13 +187,13 @@ impl Direction {
         rx: &mut RxState,
         pool: &mut BufferPool,
     ) -> Result<bool, Broken> {
-        if !rx.readable || rx.eof || self.ring.as_ref().is_some_and(Buffer::is_full) {
+        if !rx.readable || rx.eof || self.buffer.as_ref().is_some_and(Buffer::is_full) {
             return Ok(false);
         }
         let bulk = self.bulk;
-        let ring = self.ring.get_or_insert_with(|| pool.take(bulk));
-        let offered = ring.window();
-        match ring.fill_from(src) {
+        let buffer = self.buffer.get_or_insert_with(|| pool.take(bulk));
+        let offered = buffer.window();
+        match buffer.fill_from(src) {
             Io::Moved(n) => {
                 self.bulk = n >= BULK_READ;
                 // A short read drained the socket: Linux raises a new edge
@@ -201,14 +202,14 @@ impl Direction {
                 // small messages). Unless the peer already signalled its end
                 // or an error: that arrived before this read, and only a
                 // further read reports it.
-                if n < offered && !rx.ending && ring.short_fill_means_drained() {
+                if n < offered && !rx.ending && buffer.short_fill_means_drained() {
                     rx.readable = false;
                 }
                 Ok(true)
             }
             Io::WouldBlock => {
                 // Nothing pending, not even an end: any end hint was stale.
-                if ring.would_block_means_drained() {
+                if buffer.would_block_means_drained() {
                     rx.readable = false;
                     rx.ending = false;
                 }
@@ -223,16 +224,16 @@ impl Direction {
         }
     }
 
-    /// One write from the ring, if it holds bytes and the destination is
+    /// One write from the buffer, if it holds bytes and the destination is
     /// writable. Returns whether anything happened.
     fn drain(&mut self, dst: &TcpStream, tx: &mut TxState) -> Result<bool, Broken> {
-        let Some(ring) = self.ring.as_mut().filter(|r| !r.is_empty()) else {
+        let Some(buffer) = self.buffer.as_mut().filter(|r| !r.is_empty()) else {
             return Ok(false);
         };
         if !tx.writable {
             return Ok(false);
         }
-        match ring.drain_to(dst) {
+        match buffer.drain_to(dst) {
             Io::Moved(n) => {
                 self.moved += n as u64;
                 Ok(true)
@@ -246,18 +247,18 @@ impl Direction {
         }
     }
 
-    fn return_ring_if_empty(&mut self, pool: &mut BufferPool) {
-        if self.ring.as_ref().is_some_and(Buffer::is_empty)
-            && let Some(ring) = self.ring.take()
+    fn return_buffer_if_empty(&mut self, pool: &mut BufferPool) {
+        if self.buffer.as_ref().is_some_and(Buffer::is_empty)
+            && let Some(buffer) = self.buffer.take()
         {
-            pool.give(ring);
+            pool.give(buffer);
         }
     }
 
-    /// Gives the ring (and any bytes in it) back; for closing.
+    /// Gives the buffer (and any bytes in it) back; for closing.
     pub fn release(&mut self, pool: &mut BufferPool) {
-        if let Some(ring) = self.ring.take() {
-            pool.give(ring);
+        if let Some(buffer) = self.buffer.take() {
+            pool.give(buffer);
         }
     }
 }
