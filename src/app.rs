@@ -33,7 +33,7 @@ use slab::Slab;
 
 use crate::auth::{self, DialToken};
 use crate::config::Secret;
-use crate::pipe::{Broken, Echo, Endpoint, Flow, Pipe};
+use crate::pipe::{Broken, Echo, Endpoint, Flow, Pipe, RxState};
 use crate::pool::BufferPool;
 use crate::protocol::{
     LineReader, MAX_READY, RelayLine, auth_line, parse_relay_line, port_request_line, ready_line,
@@ -332,6 +332,7 @@ enum Conn {
         dial_in: TcpStream,
         local: Option<TcpStream>,
         connected: [bool; 2],     // by sub-token: dial-in, local
+        rx: [RxState; 2],         // their read halves, from every event since registered
         token: Option<DialToken>, // to present first on the dial-in (with a secret)
     },
     /// A dial-in being echoed.
@@ -400,7 +401,7 @@ impl Core {
 
     fn dispatch(&mut self, token: Token, event: Option<&Event>, now: Instant) {
         if token == CONTROL {
-            return self.serve_control(now);
+            return self.serve_control(event, now);
         }
         let (key, sub) = split(token);
         match self.conns.get_mut(key) {
@@ -466,8 +467,11 @@ impl Core {
     }
 
     /// Drives the control connection: completes its connect, then reads the
-    /// relay's lines.
-    fn serve_control(&mut self, now: Instant) {
+    /// relay's lines. A short read ends reading (every later arrival raises
+    /// a new edge, see `pipe.rs`), unless the event also said the relay
+    /// closed or failed: only a further read reports that.
+    fn serve_control(&mut self, event: Option<&Event>, now: Instant) {
+        let ending = event.is_none_or(|e| e.is_read_closed() || e.is_error());
         if let Control::Connecting(stream, _) = &self.control {
             match connect_result(stream, None) {
                 Ok(false) => return, // not yet: a spurious wake-up
@@ -482,7 +486,12 @@ impl Core {
                 return;
             };
             match read_slice(&link.stream, &mut buf) {
-                Io::Moved(n) => self.take_lines(&buf[..n], now),
+                Io::Moved(n) => {
+                    self.take_lines(&buf[..n], now);
+                    if n < buf.len() && !ending {
+                        return;
+                    }
+                }
                 Io::WouldBlock => return,
                 Io::Eof | Io::Reset => {
                     return self.lost(now, "the relay closed the control connection".into());
@@ -669,6 +678,7 @@ impl Core {
             dial_in,
             local,
             connected: [false, false],
+            rx: [RxState::default(); 2],
             token,
         };
         if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
@@ -684,6 +694,7 @@ impl Core {
             dial_in,
             local,
             connected,
+            rx,
             token,
         }) = self.conns.get_mut(key)
         else {
@@ -694,6 +705,14 @@ impl Core {
             (LOCAL, Some(local)) => local,
             _ => return,
         };
+        // Bytes may come with the connect (a server-first service): noted
+        // here, they spare the first pump a read that finds nothing.
+        if let Some(event) = event {
+            rx[sub].note(event);
+        }
+        if connected[sub] && !event.is_some_and(Event::is_error) {
+            return; // news for a side already connected, kept in `rx`
+        }
         match connect_result(stream, event) {
             Ok(true) if sub == DIAL_IN && !present(dial_in, token.take()) => {
                 log::debug!("dial-in lost before its token was sent");
@@ -736,13 +755,18 @@ impl Core {
             Conn::Dialing {
                 dial_in,
                 local: None,
+                rx,
                 ..
-            } => Conn::Echoing(Echo::new(Endpoint::new(dial_in))),
+            } => Conn::Echoing(Echo::new(Endpoint::with_rx(dial_in, rx[DIAL_IN]))),
             Conn::Dialing {
                 dial_in,
                 local: Some(local),
+                rx,
                 ..
-            } => Conn::Piping(Pipe::new(Endpoint::new(dial_in), Endpoint::new(local))),
+            } => Conn::Piping(Pipe::new(
+                Endpoint::with_rx(dial_in, rx[DIAL_IN]),
+                Endpoint::with_rx(local, rx[LOCAL]),
+            )),
             other => other,
         };
     }

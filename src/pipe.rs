@@ -31,11 +31,50 @@ use crate::sockio::{Io, reset_on_close};
 const PUMP_BUDGET: usize = 16;
 
 /// The read half of a socket, as far as we know.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct RxState {
     pub readable: bool, // set by events, cleared by WouldBlock or a short read
     pub ending: bool,   // an event said the peer closed or failed: read to the end
     pub eof: bool,      // the peer shut its write half; never read again
+}
+
+impl RxState {
+    /// A socket whose events so far were not all noted (it waited in a
+    /// state that did not track them): the first reads go on until
+    /// `WouldBlock` or EOF proves what is there.
+    pub fn unknown() -> Self {
+        RxState {
+            readable: true,
+            ending: true,
+            eof: false,
+        }
+    }
+
+    /// A socket registered with the poll just now, and not read since:
+    /// worth one read at once (a client's first bytes are usually there),
+    /// and a short read may end reading. Registering queues an event for
+    /// whatever is already pending, and the poll reports a socket's state
+    /// as it is when it hands the event over, so a FIN that came with the
+    /// bytes is reported by the next poll; anything later raises a new edge.
+    /// This saves the `EAGAIN` read per new connection that `unknown` costs.
+    pub fn registered() -> Self {
+        RxState {
+            readable: true,
+            ending: false,
+            eof: false,
+        }
+    }
+
+    /// Records what an event says. Closed and error flags are hints: they
+    /// mark the half ready so that the next syscall learns the truth.
+    pub fn note(&mut self, event: &Event) {
+        if event.is_readable() || event.is_read_closed() || event.is_error() {
+            self.readable = true;
+        }
+        if event.is_read_closed() || event.is_error() {
+            self.ending = true;
+        }
+    }
 }
 
 /// The write half of a socket, as far as we know.
@@ -54,21 +93,21 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Wraps a connected socket. Both halves start out ready: a syscall that
+    /// Wraps a connected socket of unknown history (see
+    /// [`RxState::unknown`]). Both halves start out ready: a syscall that
     /// finds nothing returns `WouldBlock` and clears the flag, which is cheaper
     /// and safer than trusting that the first edge has not been missed.
     pub fn new(stream: TcpStream) -> Self {
+        Self::with_rx(stream, RxState::unknown())
+    }
+
+    /// Wraps a connected socket whose read half is known: from the events
+    /// the state it comes from noted, or [`RxState::registered`]. The write
+    /// half starts out ready, as in [`new`](Self::new).
+    pub fn with_rx(stream: TcpStream, rx: RxState) -> Self {
         Endpoint {
             stream,
-            // `ending` starts set: events that came before this endpoint
-            // existed (while connecting, or while the socket waited in
-            // another state) were not noted here, so the first reads go on
-            // until WouldBlock or EOF proves what is there.
-            rx: RxState {
-                readable: true,
-                ending: true,
-                eof: false,
-            },
+            rx,
             tx: TxState {
                 writable: true,
                 shut: false,
@@ -88,15 +127,9 @@ impl Endpoint {
         !matches!(self.stream.take_error(), Ok(None))
     }
 
-    /// Records what an event says. Closed and error flags are hints: they
-    /// mark the half ready so that the next syscall learns the truth.
+    /// Records what an event says about both halves (see [`RxState::note`]).
     pub fn note(&mut self, event: &Event) {
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
-            self.rx.readable = true;
-        }
-        if event.is_read_closed() || event.is_error() {
-            self.rx.ending = true;
-        }
+        self.rx.note(event);
         self.error_hint |= event.is_error();
         if event.is_writable() || event.is_write_closed() || event.is_error() {
             self.tx.writable = true;

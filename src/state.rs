@@ -30,7 +30,7 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
 use crate::auth::{DialToken, NONCE_LEN, TOKEN_LINE_LEN};
-use crate::pipe::{Endpoint, Flow, Pipe};
+use crate::pipe::{Endpoint, Flow, Pipe, RxState};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
 use crate::sockio::{Io, read_slice, write_slice};
 
@@ -316,6 +316,7 @@ pub struct Presenter {
 pub struct Spare {
     pub stream: TcpStream, // the dial-in
     pub app: usize,        // slab key of its app
+    pub rx: RxState,       // its read half, from every event since it was registered
 }
 
 /// A client and its dial-in, piped; with what the idle timer needs.

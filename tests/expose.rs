@@ -541,3 +541,58 @@ fn spliced_tunnel_is_byte_exact() {
     }
     assert_no_leftovers(&relay);
 }
+
+/// A server-first service (it speaks before the client does) behind ready
+/// dial-ins: its greeting, sent while the dial-in waits ready on both
+/// sides, reaches each client without the client sending a byte.
+#[test]
+fn a_server_first_greeting_reaches_clients_of_ready_dial_ins() {
+    fn greeter(mut stream: TcpStream) {
+        let _ = stream.write_all(b"220 hello\r\n");
+        let _ = stream.shutdown(Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+    }
+    let relay = start_relay();
+    let agent = start_agent(AgentConfig {
+        ready: 2,
+        ..agent_config(relay.reg_addr(), local_service(greeter))
+    });
+    wait_for_stats(&relay, "two ready dial-ins", |s| s.ready_dial_ins == 2);
+    let public = local(agent.relayed_port());
+    for i in 0..6 {
+        let mut client = connect(public);
+        assert_eq!(read_to_eof(&mut client), b"220 hello\r\n", "client {i}");
+    }
+    wait_for_stats(&relay, "the ready dial-ins replaced", |s| {
+        s.ready_dial_ins == 2
+    });
+    assert_no_leftovers(&relay);
+}
+
+/// Clients that send their request and their FIN at once, before the relay
+/// has even accepted them, handed ready dial-ins: the bytes and the FIN
+/// both arrive (the first read after registering is a short one, and the
+/// FIN behind it must not be lost).
+#[test]
+fn request_and_fin_sent_before_accept_both_reach_a_ready_dial_in() {
+    let relay = start_relay();
+    let app = TestApp::register(relay.reg_addr());
+    app.send_control(b"ready 1\n")
+        .expect("ask for a ready dial-in");
+    let mut dial_in = app.dial_in();
+    for i in 0..20 {
+        wait_for_stats(&relay, "a ready dial-in", |s| s.ready_dial_ins == 1);
+        let mut client = connect(app.relayed_addr());
+        let request = format!("request {i}");
+        client.write_all(request.as_bytes()).expect("client writes");
+        client.shutdown(Shutdown::Write).expect("client shuts down");
+        let next = app.dial_in(); // the replacement the relay asks for
+        assert_eq!(read_to_eof(&mut dial_in), request.as_bytes(), "client {i}");
+        dial_in.write_all(b"done").expect("app answers");
+        drop(dial_in);
+        assert_eq!(read_to_eof(&mut client), b"done", "client {i}");
+        dial_in = next;
+    }
+    assert_no_leftovers(&relay);
+}

@@ -10,7 +10,7 @@ use mio::net::TcpStream;
 
 use super::core::{CLIENT, Core, DIAL_IN};
 use crate::auth::{DialToken, TOKEN_LINE_LEN};
-use crate::pipe::{Broken, Endpoint, Flow, Pipe};
+use crate::pipe::{Broken, Endpoint, Flow, Pipe, RxState};
 use crate::protocol::{dial_line, parse_token_line};
 use crate::reactor::token;
 use crate::sockio::{Io, no_delay, read_slice, reset_on_close};
@@ -64,7 +64,7 @@ impl Core {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut stream, token(key, CLIENT), interest)?;
             Ok(Conn::AwaitingDialIn(Waiting {
-                client: Endpoint::new(stream),
+                client: Endpoint::with_rx(stream, RxState::registered()),
                 peer,
                 app: app_key,
                 id,
@@ -105,7 +105,10 @@ impl Core {
         let id = self.next_id();
         self.transition(spare, |conn| match conn {
             Conn::Standby(ready) => Conn::Piping(Piped {
-                pipe: Pipe::new(Endpoint::new(client), Endpoint::new(ready.stream)),
+                pipe: Pipe::new(
+                    Endpoint::with_rx(client, RxState::registered()),
+                    Endpoint::with_rx(ready.stream, ready.rx),
+                ),
                 id,
                 last_moved: now,
                 moved: 0,
@@ -235,6 +238,8 @@ impl Core {
                 Conn::Standby(Spare {
                     stream,
                     app: app_key,
+                    // Not read yet: the poll reports what is pending.
+                    rx: RxState::default(),
                 })
             })
         });
@@ -275,16 +280,18 @@ impl Core {
     /// for the client), or its end. `peek` tells which without consuming a
     /// byte; a dead one is closed and replaced, never handed a client.
     pub(super) fn check_spare(&mut self, key: usize) {
-        let Some(Conn::Standby(spare)) = self.conns.get(key) else {
+        let Some(Conn::Standby(spare)) = self.conns.get_mut(key) else {
             return;
         };
         let mut byte = [0u8; 1];
         let dead = match spare.stream.peek(&mut byte) {
             Ok(n) => n == 0,
-            Err(e) => !matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-            ),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Nothing there, not even an end: its client need not read.
+                spare.rx = RxState::default();
+                false
+            }
+            Err(e) => e.kind() != std::io::ErrorKind::Interrupted,
         };
         if dead {
             let app_key = spare.app;
@@ -331,7 +338,10 @@ impl Core {
             Conn::AwaitingDialIn(waiting) => {
                 log::debug!("client {} paired with its dial-in", waiting.peer);
                 Conn::Piping(Piped {
-                    pipe: Pipe::new(waiting.client, Endpoint::new(dial_in)),
+                    pipe: Pipe::new(
+                        waiting.client,
+                        Endpoint::with_rx(dial_in, RxState::registered()),
+                    ),
                     id: waiting.id,
                     last_moved: now,
                     moved: 0,

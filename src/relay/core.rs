@@ -249,9 +249,12 @@ impl Core {
             // A dial-in presenting its token.
             (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
             // A ready dial-in: readable means data from the app, or its death.
-            (Some(Conn::Standby(_)), DIAL_IN)
+            (Some(Conn::Standby(spare)), DIAL_IN)
                 if event.is_none_or(|e| e.is_readable() || e.is_read_closed() || e.is_error()) =>
             {
+                if let Some(event) = event {
+                    spare.rx.note(event);
+                }
                 self.check_spare(key);
             }
             // A pipe: record readiness on the right side, then move bytes.
