@@ -39,7 +39,7 @@ use crate::protocol::{
     LineReader, MAX_READY, RelayLine, auth_line, parse_relay_line, port_request_line, ready_line,
     token_line,
 };
-use crate::reactor::{self, Handler, Reactor, Stopper, split, token};
+use crate::reactor::{self, Handler, Reactor, Stopper, Timers, split, token};
 use crate::sockio::{Io, keep_alive, read_slice, reset_on_close, write_slice};
 
 /// The control connection's token.
@@ -92,6 +92,17 @@ pub struct AgentConfig {
     /// Reconnect when the relay goes away (otherwise the agent stops with
     /// an error).
     pub reconnect: bool,
+    /// How long a client's connects (its dial-in, the local service) may
+    /// take. Past it the client is reset instead of left hanging: a service
+    /// host that drops SYNs would otherwise hold it for the kernel's two
+    /// minutes of SYN retries.
+    pub connect_timeout: Duration,
+}
+
+impl AgentConfig {
+    /// The default of [`connect_timeout`](Self::connect_timeout), as the
+    /// relay's default dial-in timeout.
+    pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 }
 
 /// Why an agent stopped on its own.
@@ -148,6 +159,8 @@ impl Agent {
             requeued: Vec::new(),
             closing: Vec::new(),
             local_down: false,
+            timers: Timers::default(),
+            next_id: 0,
         };
         Ok(Agent { reactor, core })
     }
@@ -266,6 +279,7 @@ impl EchoApp {
             ready: 0,
             splice: crate::Config::default().splice,
             reconnect: false,
+            connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         })?;
         let relayed_port = agent.register()?;
         Ok(EchoApp {
@@ -334,6 +348,7 @@ enum Conn {
         connected: [bool; 2],     // by sub-token: dial-in, local
         rx: [RxState; 2],         // their read halves, from every event since registered
         token: Option<DialToken>, // to present first on the dial-in (with a secret)
+        id: u64,                  // identity, for the connect timer
     },
     /// A dial-in being echoed.
     Echoing(Echo),
@@ -357,6 +372,8 @@ struct Core {
     requeued: Vec<Token>,        // entries that used their budget with work left
     closing: Vec<(usize, bool)>, // (key, abort) to reap at the end of the turn
     local_down: bool,            // the local service is failing (logged once)
+    timers: Timers,              // connect deadlines of Dialing entries
+    next_id: u64,                // identity of the next Dialing entry
 }
 
 impl Handler for Core {
@@ -364,7 +381,11 @@ impl Handler for Core {
         if !self.requeued.is_empty() {
             return Some(Duration::ZERO);
         }
-        reactor::until(self.control_deadline(), now)
+        let deadline = match (self.control_deadline(), self.timers.next()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        reactor::until(deadline, now)
     }
 
     fn on_event(&mut self, event: &Event, now: Instant) {
@@ -377,6 +398,9 @@ impl Handler for Core {
         }
         if self.control_deadline().is_some_and(|d| d <= now) {
             self.control_due(now);
+        }
+        while let Some((key, id)) = self.timers.pop_due(now) {
+            self.connect_timed_out(key, id);
         }
         self.reap();
     }
@@ -674,17 +698,52 @@ impl Core {
         };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
+        self.next_id += 1;
+        let id = self.next_id;
         let mut conn = Conn::Dialing {
             dial_in,
             local,
             connected: [false, false],
             rx: [RxState::default(); 2],
             token,
+            id,
         };
         if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
             return log::warn!("dial-in to {addr} dropped: {e}");
         }
         entry.insert(conn);
+        let deadline = Instant::now() + self.config.connect_timeout;
+        self.timers.add(deadline, key, id);
+    }
+
+    /// A client's connects did not all finish in time: close them with a
+    /// reset (a dial-in the relay already paired resets its client) rather
+    /// than leave the client hanging. A timer of an entry that has moved on
+    /// (served, or closed and its key reused) finds a different state or id.
+    fn connect_timed_out(&mut self, key: usize, id: u64) {
+        let Some(Conn::Dialing {
+            local,
+            connected,
+            id: current,
+            ..
+        }) = self.conns.get(key)
+        else {
+            return;
+        };
+        if *current != id {
+            return;
+        }
+        let timeout = self.config.connect_timeout;
+        if local.is_some() && !connected[LOCAL] {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            );
+            self.note_local(Some(&e));
+        } else {
+            log::debug!("dial-in connect timed out after {timeout:?}");
+        }
+        self.closing.push((key, true));
     }
 
     /// One of a client's connects finished (or failed); once all have, the
@@ -696,6 +755,7 @@ impl Core {
             connected,
             rx,
             token,
+            ..
         }) = self.conns.get_mut(key)
         else {
             return;

@@ -121,6 +121,10 @@ struct ExposeArgs {
     /// local service), so new clients skip the dial-in round trip. At most 64.
     #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
     ready: u16,
+    /// How long a client's connects (to the relay and to the local service)
+    /// may take before the client is reset.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    connect_timeout: Duration,
     /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
     #[arg(long)]
     no_splice: bool,
@@ -194,6 +198,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         ready: 0,
         splice: Config::default().splice,
         reconnect: false,
+        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
     })
 }
 
@@ -212,6 +217,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         ready: usize::from(args.ready),
         splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,
+        connect_timeout: args.connect_timeout,
     })
 }
 

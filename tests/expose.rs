@@ -69,6 +69,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         ready: 0,
         splice: false,
         reconnect: true,
+        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
     }
 }
 
@@ -594,5 +595,38 @@ fn request_and_fin_sent_before_accept_both_reach_a_ready_dial_in() {
         assert_eq!(read_to_eof(&mut client), b"done", "client {i}");
         dial_in = next;
     }
+    assert_no_leftovers(&relay);
+}
+
+/// A local service whose host never answers the SYN: the client is reset
+/// once the agent's connect timeout passes, instead of hanging for the
+/// kernel's two minutes of SYN retries, and nothing is left behind.
+#[test]
+fn a_local_service_that_never_answers_resets_the_client_after_the_connect_timeout() {
+    use socket2::{Domain, Socket, Type};
+    // A listener with a backlog of 0 whose one slot is taken: Linux drops
+    // every further SYN, as a firewall that drops packets would.
+    let silent = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    silent
+        .bind(&SocketAddr::from((LOCALHOST, 0)).into())
+        .expect("bind the silent service");
+    silent.listen(0).expect("listen");
+    let silent_addr = silent
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("silent service address");
+    let _filler = connect(silent_addr);
+
+    let relay = start_relay();
+    let agent = start_agent(AgentConfig {
+        connect_timeout: std::time::Duration::from_millis(300),
+        ..agent_config(relay.reg_addr(), silent_addr)
+    });
+    let mut client = connect(local(agent.relayed_port()));
+    client.write_all(b"anyone there?").expect("client writes");
+    let (ended, bytes) = read_until_closed(&mut client);
+    assert_eq!(bytes, 0, "nothing can have answered");
+    assert_eq!(ended, Ended::Error(std::io::ErrorKind::ConnectionReset));
     assert_no_leftovers(&relay);
 }

@@ -228,6 +228,7 @@ fn a_port_request_outside_the_range_is_refused() {
         reconnect: true,
         ready: 0,
         splice: false,
+        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
     })
     .expect("create the agent");
     match agent.register() {

@@ -102,6 +102,7 @@ pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
         reconnect: false,
         ready: 0,
         splice: false,
+        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
     })
     .expect("create the agent")
 }
