@@ -31,7 +31,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth;
 use crate::config::Secret;
@@ -59,8 +59,9 @@ struct Control {
 }
 
 impl Control {
-    /// The next line from the relay, blocking.
-    fn next_line(&mut self) -> io::Result<String> {
+    /// The next line from the relay, blocking; until `deadline`, if given,
+    /// however the line trickles in (each read waits only for what is left).
+    fn next_line(&mut self, deadline: Option<Instant>) -> io::Result<String> {
         let mut buf = [0u8; 512];
         loop {
             if let Some(line) = self.pending.pop_front() {
@@ -68,6 +69,13 @@ impl Control {
             }
             if self.lost {
                 return Err(lost());
+            }
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(io::ErrorKind::TimedOut.into());
+                }
+                self.stream.set_read_timeout(Some(left))?;
             }
             let n = match self.stream.read(&mut buf) {
                 Ok(0) => {
@@ -93,6 +101,10 @@ pub struct RegisterOptions {
     pub port: Option<u16>,
     /// The relay's shared secret.
     pub secret: Option<Secret>,
+    /// How long connecting, and then registering, may each take (default:
+    /// 10 s). A relay that answers too slowly, even byte by byte, fails the
+    /// registration with `TimedOut`.
+    pub timeout: Option<Duration>,
 }
 
 /// Answers the relay's first line: `auth` if it challenged us, then `port`
@@ -138,7 +150,8 @@ fn lost() -> io::Error {
 
 impl RelayedApp {
     /// Registers with the relay at `relay` (its registration port) and takes
-    /// whatever relayed port it assigns. Blocks at most about 10 s per step.
+    /// whatever relayed port it assigns. Blocks at most 10 s to connect and
+    /// 10 s more to register.
     pub fn register(relay: impl ToSocketAddrs) -> io::Result<RelayedApp> {
         Self::register_with(relay, &RegisterOptions::default())
     }
@@ -167,7 +180,7 @@ impl RelayedApp {
             "relay address resolves to nothing",
         );
         for addr in relay.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, TIMEOUT) {
+            match TcpStream::connect_timeout(&addr, options.timeout.unwrap_or(TIMEOUT)) {
                 Ok(stream) => return Self::handshake(stream, addr, options),
                 Err(e) => last = e,
             }
@@ -184,7 +197,7 @@ impl RelayedApp {
         options: &RegisterOptions,
     ) -> io::Result<RelayedApp> {
         stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
+        let deadline = Instant::now() + options.timeout.unwrap_or(TIMEOUT);
         let mut control = Control {
             stream,
             lines: LineReader::new(),
@@ -195,7 +208,9 @@ impl RelayedApp {
         let (mut seen, mut relayed_port, mut greeted) = (0, 0, false);
         let mut dials = VecDeque::new();
         while seen < needed {
-            let line = control.next_line().map_err(registration_timeout)?;
+            let line = control
+                .next_line(Some(deadline))
+                .map_err(registration_timeout)?;
             let parsed = parse_relay_line(&line)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             let nonce = match parsed {
@@ -245,7 +260,7 @@ impl RelayedApp {
             .lock()
             .map_err(|_| io::Error::other("a previous accept panicked"))?;
         loop {
-            let line = control.next_line()?;
+            let line = control.next_line(None)?;
             match parse_relay_line(&line) {
                 Ok(RelayLine::Dial(port, token)) => {
                     drop(control);

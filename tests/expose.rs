@@ -630,3 +630,35 @@ fn a_local_service_that_never_answers_resets_the_client_after_the_connect_timeou
     assert_eq!(ended, Ended::Error(std::io::ErrorKind::ConnectionReset));
     assert_no_leftovers(&relay);
 }
+
+/// `RelayedApp`'s registration has one deadline, not one per read: a
+/// "relay" that trickles its established line a byte at a time, each byte
+/// well inside the timeout, still fails the registration with `TimedOut`.
+#[test]
+fn relayed_app_registration_times_out_on_a_trickling_relay() {
+    use std::time::Duration;
+    use tcp_relay::RegisterOptions;
+    let listener = TcpListener::bind((LOCALHOST, 0)).expect("bind the fake relay");
+    let addr = listener.local_addr().expect("fake relay address");
+    let trickler = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accept the app");
+        for byte in format!("{ESTABLISHED_PREFIX}40000\n").bytes() {
+            if stream.write_all(&[byte]).is_err() {
+                return; // the app gave up: what this test wants
+            }
+            thread::sleep(Duration::from_millis(40)); // the trickle itself
+        }
+    });
+    let options = RegisterOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..RegisterOptions::default()
+    };
+    match RelayedApp::register_with(addr, &options) {
+        Ok(app) => panic!(
+            "registered on port {} past the deadline",
+            app.relayed_port()
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}"),
+    }
+    join_unless_panicking(trickler, "the fake relay");
+}

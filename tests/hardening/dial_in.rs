@@ -195,6 +195,7 @@ fn relayed_app_registers_with_a_secret_and_accept_presents_tokens() {
     let options = RegisterOptions {
         port: None,
         secret: Some(secret(SECRET)),
+        ..RegisterOptions::default()
     };
     let app = RelayedApp::register_with(relay.reg_addr(), &options).expect("register");
     let public = app.public_addr();
@@ -219,6 +220,7 @@ fn relayed_app_registers_with_a_secret_and_accept_presents_tokens() {
     let on_port = RegisterOptions {
         port: Some(wanted),
         secret: Some(secret(SECRET)),
+        ..RegisterOptions::default()
     };
     let moved = RelayedApp::register_with(relay.reg_addr(), &on_port).expect("register on a port");
     assert_eq!(moved.relayed_port(), wanted);
@@ -228,7 +230,10 @@ fn relayed_app_registers_with_a_secret_and_accept_presents_tokens() {
         (None, "requires a secret"),
     ];
     for (secret, message) in refusals {
-        let options = RegisterOptions { port: None, secret };
+        let options = RegisterOptions {
+            secret,
+            ..RegisterOptions::default()
+        };
         match RelayedApp::register_with(relay.reg_addr(), &options) {
             Ok(_) => panic!("registered without the secret"),
             Err(e) => assert!(e.to_string().contains(message), "{e} must say {message:?}"),
