@@ -63,6 +63,9 @@
 //!    read (Linux raises a fresh edge for every later arrival), but never a
 //!    short read while the peer's end may be pending unread.
 //!    Edge-triggered polling reports a readiness once; the flag remembers it.
+//!    A socket's flags start from what is known of it: events noted while
+//!    it waited in an earlier state, or, just registered, "worth one read"
+//!    (registering queues an event for whatever is already pending).
 //! 3. **The writable invariant.** Bytes that enter a ring are written toward
 //!    the peer in the same pump; nothing waits for a writable edge that may
 //!    already have been consumed. Work cut short by a budget is requeued by
