@@ -817,15 +817,15 @@ impl Core {
                 local: None,
                 rx,
                 ..
-            } => Conn::Echoing(Echo::new(Endpoint::with_rx(dial_in, rx[DIAL_IN]))),
+            } => Conn::Echoing(Echo::new(Endpoint::new(dial_in, rx[DIAL_IN]))),
             Conn::Dialing {
                 dial_in,
                 local: Some(local),
                 rx,
                 ..
             } => Conn::Piping(Pipe::new(
-                Endpoint::with_rx(dial_in, rx[DIAL_IN]),
-                Endpoint::with_rx(local, rx[LOCAL]),
+                Endpoint::new(dial_in, rx[DIAL_IN]),
+                Endpoint::new(local, rx[LOCAL]),
             )),
             other => other,
         };

@@ -10,8 +10,9 @@
 //! clears: `WouldBlock`, or for reads a short read, after which any new data
 //! raises a new edge (invariant *Readiness in software*). A short read does
 //! not clear the flag while the peer's end or an error may be pending (an
-//! event said so, or the endpoint is new and missed earlier events): that
-//! news came before the read, and only a further read reports it. When a
+//! event said so): that news came before the read, and only a further read
+//! reports it. A new endpoint starts from what is known of its socket (see
+//! [`Endpoint::new`]). When a
 //! destination is full we simply stop reading its source; the source's flag
 //! stays set, and the moment the buffer drains reading resumes without waiting
 //! for an event that will never come (invariant *Backpressure*).
@@ -39,24 +40,14 @@ pub struct RxState {
 }
 
 impl RxState {
-    /// A socket whose events so far were not all noted (it waited in a
-    /// state that did not track them): the first reads go on until
-    /// `WouldBlock` or EOF proves what is there.
-    pub fn unknown() -> Self {
-        RxState {
-            readable: true,
-            ending: true,
-            eof: false,
-        }
-    }
-
     /// A socket registered with the poll just now, and not read since:
     /// worth one read at once (a client's first bytes are usually there),
     /// and a short read may end reading. Registering queues an event for
     /// whatever is already pending, and the poll reports a socket's state
     /// as it is when it hands the event over, so a FIN that came with the
     /// bytes is reported by the next poll; anything later raises a new edge.
-    /// This saves the `EAGAIN` read per new connection that `unknown` costs.
+    /// This saves the `EAGAIN` read per new connection that reading until
+    /// `WouldBlock` would cost.
     pub fn registered() -> Self {
         RxState {
             readable: true,
@@ -93,18 +84,15 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Wraps a connected socket of unknown history (see
-    /// [`RxState::unknown`]). Both halves start out ready: a syscall that
-    /// finds nothing returns `WouldBlock` and clears the flag, which is cheaper
-    /// and safer than trusting that the first edge has not been missed.
-    pub fn new(stream: TcpStream) -> Self {
-        Self::with_rx(stream, RxState::unknown())
-    }
-
-    /// Wraps a connected socket whose read half is known: from the events
-    /// the state it comes from noted, or [`RxState::registered`]. The write
-    /// half starts out ready, as in [`new`](Self::new).
-    pub fn with_rx(stream: TcpStream, rx: RxState) -> Self {
+    /// Wraps a connected socket whose read half is as far as known: from the
+    /// events the state it comes from noted, or [`RxState::registered`]. (A
+    /// socket whose earlier events went unnoted would start `readable` and
+    /// `ending`, so that its first reads go on until `WouldBlock` or EOF
+    /// proves what is there; nothing here has such a socket.) The write half
+    /// starts out ready: a write that finds no room returns `WouldBlock` and
+    /// clears the flag, which is cheaper and safer than trusting that the
+    /// first edge has not been missed.
+    pub fn new(stream: TcpStream, rx: RxState) -> Self {
         Endpoint {
             stream,
             rx,

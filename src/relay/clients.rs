@@ -64,7 +64,7 @@ impl Core {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut stream, token(key, CLIENT), interest)?;
             Ok(Conn::AwaitingDialIn(Waiting {
-                client: Endpoint::with_rx(stream, RxState::registered()),
+                client: Endpoint::new(stream, RxState::registered()),
                 peer,
                 app: app_key,
                 id,
@@ -106,8 +106,8 @@ impl Core {
         self.transition(spare, |conn| match conn {
             Conn::Standby(ready) => Conn::Piping(Piped {
                 pipe: Pipe::new(
-                    Endpoint::with_rx(client, RxState::registered()),
-                    Endpoint::with_rx(ready.stream, ready.rx),
+                    Endpoint::new(client, RxState::registered()),
+                    Endpoint::new(ready.stream, ready.rx),
                 ),
                 id,
                 last_moved: now,
@@ -340,7 +340,7 @@ impl Core {
                 Conn::Piping(Piped {
                     pipe: Pipe::new(
                         waiting.client,
-                        Endpoint::with_rx(dial_in, RxState::registered()),
+                        Endpoint::new(dial_in, RxState::registered()),
                     ),
                     id: waiting.id,
                     last_moved: now,
