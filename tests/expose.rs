@@ -548,15 +548,29 @@ fn spliced_tunnel_is_byte_exact() {
 /// sides, reaches each client without the client sending a byte.
 #[test]
 fn a_server_first_greeting_reaches_clients_of_ready_dial_ins() {
+    greeting_through_ready_dial_ins(None);
+}
+
+/// The same with a secret: each ready dial-in first presents its token
+/// (read exactly, then the socket moves to its Standby entry), and the
+/// greeting right behind the token must not be lost in that move.
+#[test]
+fn a_server_first_greeting_reaches_clients_of_ready_dial_ins_with_a_secret() {
+    greeting_through_ready_dial_ins(Some("greeting secret"));
+}
+
+fn greeting_through_ready_dial_ins(secret: Option<&str>) {
     fn greeter(mut stream: TcpStream) {
         let _ = stream.write_all(b"220 hello\r\n");
         let _ = stream.shutdown(Shutdown::Write);
         let mut rest = Vec::new();
         let _ = stream.read_to_end(&mut rest);
     }
-    let relay = start_relay();
+    let as_secret = |s: &str| tcp_relay::Secret(s.as_bytes().to_vec());
+    let relay = start_relay_with(|config| config.secret = secret.map(as_secret));
     let agent = start_agent(AgentConfig {
         ready: 2,
+        secret: secret.map(as_secret),
         ..agent_config(relay.reg_addr(), local_service(greeter))
     });
     wait_for_stats(&relay, "two ready dial-ins", |s| s.ready_dial_ins == 2);
