@@ -1,0 +1,226 @@
+//! The client side of the agent: for each dial line, connecting the dial-in
+//! (presenting its token) and the local service under one deadline, then
+//! serving the client by piping or echoing.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::event::Event;
+use mio::net::TcpStream;
+use mio::{Interest, Registry};
+
+use crate::auth::DialToken;
+use crate::pipe::{Echo, Endpoint, Pipe, RxState};
+use crate::protocol::token_line;
+use crate::reactor::token;
+use crate::sockio::{Io, reset_on_close, write_slice};
+
+use super::Service;
+use super::control::Control;
+use super::core::{Conn, Core, DIAL_IN, LOCAL, connect_result};
+
+impl Core {
+    /// Starts the connects for one client: the dial-in and, when forwarding,
+    /// the local service, both non-blocking.
+    pub(super) fn dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
+        let (Control::Ready(link, _) | Control::Registering(link, _)) = &self.control else {
+            return;
+        };
+        let addr = SocketAddr::new(link.relay.ip(), port);
+        let dial_in = match TcpStream::connect(addr) {
+            Ok(stream) => stream,
+            Err(e) => return log::warn!("dial-in to {addr} failed: {e}"),
+        };
+        let local = match &self.config.service {
+            Service::Echo => None,
+            Service::Forward(local) => match TcpStream::connect(*local) {
+                Ok(stream) => Some(stream),
+                Err(e) => return self.local_failed(dial_in, &e),
+            },
+        };
+        let entry = self.conns.vacant_entry();
+        let key = entry.key();
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut conn = Conn::Dialing {
+            dial_in,
+            local,
+            connected: [false, false],
+            rx: [RxState::default(); 2],
+            token,
+            id,
+        };
+        if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
+            return log::warn!("dial-in to {addr} dropped: {e}");
+        }
+        entry.insert(conn);
+        let deadline = now + self.config.connect_timeout;
+        self.timers.add(deadline, key, id);
+    }
+
+    /// A client's connects did not all finish in time: close them with a
+    /// reset (a dial-in the relay already paired resets its client) rather
+    /// than leave the client hanging. A timer of an entry that has moved on
+    /// (served, or closed and its key reused) finds a different state or id.
+    pub(super) fn connect_timed_out(&mut self, key: usize, id: u64) {
+        let Some(Conn::Dialing {
+            local,
+            connected,
+            id: current,
+            ..
+        }) = self.conns.get(key)
+        else {
+            return;
+        };
+        if *current != id {
+            return;
+        }
+        let timeout = self.config.connect_timeout;
+        if local.is_some() && !connected[LOCAL] {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {timeout:?}"),
+            );
+            self.note_local(Some(&e));
+        } else {
+            log::debug!("dial-in connect timed out after {timeout:?}");
+        }
+        self.closing.push((key, true));
+    }
+
+    /// One of a client's connects finished (or failed); once all have, the
+    /// client is served.
+    pub(super) fn finish_connect(&mut self, key: usize, sub: usize, event: Option<&Event>) {
+        let Some(Conn::Dialing {
+            dial_in,
+            local,
+            connected,
+            rx,
+            token,
+            ..
+        }) = self.conns.get_mut(key)
+        else {
+            return;
+        };
+        let stream = match (sub, local.as_ref()) {
+            (DIAL_IN, _) => &*dial_in,
+            (LOCAL, Some(local)) => local,
+            _ => return,
+        };
+        // Bytes may come with the connect (a server-first service): noted
+        // here, they spare the first pump a read that finds nothing.
+        if let Some(event) = event {
+            rx[sub].note(event);
+        }
+        if connected[sub] && !event.is_some_and(Event::is_error) {
+            return; // news for a side already connected, kept in `rx`
+        }
+        match connect_result(stream, event) {
+            Ok(true) if sub == DIAL_IN && !present(dial_in, token.take()) => {
+                log::debug!("dial-in lost before its token was sent");
+                return self.closing.push((key, true));
+            }
+            Ok(true) => {
+                // Outgoing sockets inherit nothing: small messages must not
+                // wait for Nagle here either.
+                let _ = stream.set_nodelay(true);
+                connected[sub] = true;
+            }
+            Ok(false) => return,
+            Err(e) if sub == LOCAL => {
+                reset_on_close(dial_in);
+                self.note_local(Some(&e));
+                return self.closing.push((key, true));
+            }
+            Err(e) => {
+                log::debug!("dial-in failed: {e}");
+                return self.closing.push((key, true));
+            }
+        }
+        let forwarding = local.is_some();
+        if !(connected[DIAL_IN] && (connected[LOCAL] || !forwarding)) {
+            return;
+        }
+        if forwarding {
+            self.note_local(None);
+        }
+        self.start_serving(key);
+        self.pump(key);
+    }
+
+    /// Dialing => Echoing or Piping.
+    fn start_serving(&mut self, key: usize) {
+        let Some(slot) = self.conns.get_mut(key) else {
+            return;
+        };
+        *slot = match std::mem::replace(slot, Conn::Closed) {
+            Conn::Dialing {
+                dial_in,
+                local: None,
+                rx,
+                ..
+            } => Conn::Echoing(Echo::new(Endpoint::new(dial_in, rx[DIAL_IN]))),
+            Conn::Dialing {
+                dial_in,
+                local: Some(local),
+                rx,
+                ..
+            } => Conn::Piping(Pipe::new(
+                Endpoint::new(dial_in, rx[DIAL_IN]),
+                Endpoint::new(local, rx[LOCAL]),
+            )),
+            other => other,
+        };
+    }
+
+    /// The local service refused before the client was registered.
+    fn local_failed(&mut self, dial_in: TcpStream, e: &io::Error) {
+        reset_on_close(&dial_in);
+        self.note_local(Some(e));
+    }
+
+    /// Logs the local service going down (once) and coming back (once),
+    /// not once per client.
+    fn note_local(&mut self, failure: Option<&io::Error>) {
+        let Service::Forward(addr) = &self.config.service else {
+            return;
+        };
+        match (failure, self.local_down) {
+            (Some(e), false) => {
+                log::warn!(
+                    "local service {addr} unavailable ({e}); its clients are closed until it answers"
+                );
+                self.local_down = true;
+            }
+            (None, true) => {
+                log::info!("local service {addr} answers again");
+                self.local_down = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Sends a dial-in's token line, if it has one (33 bytes on a fresh
+/// connection: all or nothing). Returns whether the dial-in can be used.
+fn present(dial_in: &TcpStream, token: Option<DialToken>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    let line = token_line(&token);
+    matches!(write_slice(dial_in, line.as_bytes()), Io::Moved(n) if n == line.len())
+}
+
+/// Registers a client's connecting sockets under its key.
+fn register_dialing(registry: &Registry, conn: &mut Conn, key: usize) -> io::Result<()> {
+    let Conn::Dialing { dial_in, local, .. } = conn else {
+        return Ok(());
+    };
+    let interest = Interest::READABLE | Interest::WRITABLE;
+    registry.register(dial_in, token(key, DIAL_IN), interest)?;
+    if let Some(local) = local {
+        registry.register(local, token(key, LOCAL), interest)?;
+    }
+    Ok(())
+}
