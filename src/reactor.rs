@@ -12,8 +12,7 @@
 //!    never reused while an event for its old occupant may still be pending
 //!    (invariant *Deferred close*).
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -208,33 +207,60 @@ impl Stopper {
     }
 }
 
-/// Deadlines keyed by slab entry, soonest first. An entry may be closed
-/// before its deadline; the `id` lets the owner recognise stale timers
-/// instead of searching the heap on every close.
+/// Deadlines of slab entries, soonest first, at most one per entry:
+/// arming replaces the entry's deadline and [`cancel`](Timers::cancel)
+/// removes it, so only live deadlines are held. (A heap that leaves a
+/// closed entry's timer to expire on its own grows with the rate of
+/// connections times the timeout: at 10,000 connections a second, each
+/// half-closing once, a 10-minute idle timeout would hold six million.)
+/// A timer still carries its entry's identity, so an owner whose entry
+/// changed state under the same key can tell a timer armed for the old one.
 #[derive(Default)]
 pub struct Timers {
-    heap: BinaryHeap<Reverse<(Instant, usize, u64)>>, // (deadline, key, id)
+    order: BTreeSet<(Instant, usize)>, // (deadline, key), soonest first
+    armed: HashMap<usize, (Instant, u64)>, // key => (deadline, id)
 }
 
 impl Timers {
-    /// Arms a timer for entry `key` whose occupant has identity `id`.
+    /// Arms the timer of entry `key`, whose occupant has identity `id`,
+    /// replacing any it had.
     pub fn add(&mut self, deadline: Instant, key: usize, id: u64) {
-        self.heap.push(Reverse((deadline, key, id)));
+        if let Some((old, _)) = self.armed.insert(key, (deadline, id)) {
+            self.order.remove(&(old, key));
+        }
+        self.order.insert((deadline, key));
+    }
+
+    /// Disarms the timer of entry `key`, if any: for an entry being closed.
+    pub fn cancel(&mut self, key: usize) {
+        if let Some((deadline, _)) = self.armed.remove(&key) {
+            self.order.remove(&(deadline, key));
+        }
     }
 
     /// The nearest deadline.
     pub fn next(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
+        self.order.first().map(|&(at, _)| at)
     }
 
-    /// Removes and returns one timer due at `now`.
+    /// Removes and returns one timer due at `now`, as (key, id).
     pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
-        match self.heap.peek() {
-            Some(Reverse((at, _, _))) if *at <= now => {
-                self.heap.pop().map(|Reverse((_, key, id))| (key, id))
-            }
-            _ => None,
+        let &(at, key) = self.order.first()?;
+        if at > now {
+            return None;
         }
+        self.order.pop_first();
+        self.armed.remove(&key).map(|(_, id)| (key, id))
+    }
+
+    /// How many timers are armed.
+    pub fn len(&self) -> usize {
+        self.armed.len()
+    }
+
+    /// Whether no timer is armed.
+    pub fn is_empty(&self) -> bool {
+        self.armed.is_empty()
     }
 }
 
@@ -390,6 +416,24 @@ mod tests {
         assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((2, 20)));
         assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((1, 10)));
         assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), None);
+    }
+
+    #[test]
+    fn a_timer_is_replaced_by_its_entrys_next_and_gone_when_cancelled() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        timers.add(t0 + Duration::from_secs(1), 1, 10);
+        timers.add(t0 + Duration::from_secs(3), 1, 11); // same entry: replaces
+        timers.add(t0 + Duration::from_secs(2), 2, 20);
+        assert_eq!(timers.len(), 2);
+        assert_eq!(timers.next(), Some(t0 + Duration::from_secs(2)));
+        timers.cancel(2);
+        timers.cancel(7); // nothing armed: no effect
+        assert_eq!(timers.len(), 1);
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(2)), None);
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(3)), Some((1, 11)));
+        assert!(timers.is_empty());
+        assert_eq!(timers.next(), None);
     }
 
     #[test]

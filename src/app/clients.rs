@@ -151,6 +151,7 @@ impl Core {
 
     /// Dialing => Echoing or Piping.
     fn start_serving(&mut self, key: usize) {
+        self.timers.cancel(key); // connected in time
         let Some(slot) = self.conns.get_mut(key) else {
             return;
         };

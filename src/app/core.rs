@@ -97,10 +97,7 @@ impl Handler for Core {
         if !self.requeued.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadline = match (self.control_deadline(), self.timers.next()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let deadline = reactor::earliest(self.control_deadline(), self.timers.next());
         reactor::until(deadline, now)
     }
 
@@ -191,6 +188,7 @@ impl Core {
             let Some(conn) = self.conns.try_remove(key) else {
                 continue;
             };
+            self.timers.cancel(key);
             let mut streams = match conn {
                 Conn::Dialing { dial_in, local, .. } => [Some(dial_in), local],
                 Conn::Echoing(mut echo) => {

@@ -385,6 +385,9 @@ impl Core {
         let Some(Conn::Piping(piped)) = self.conns.get_mut(key) else {
             return;
         };
+        if !piped.pipe.is_half_closed() {
+            return; // an open pipe may idle as long as its peers like
+        }
         let idle_until = piped.last_moved + timeout;
         if now >= idle_until {
             log::debug!("half-closed pipe idle for {timeout:?}: closed");

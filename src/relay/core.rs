@@ -204,6 +204,7 @@ impl Core {
             waiting_clients: self.census.waiting,
             pipes: self.census.pipes,
             buffers_lent: self.pool.lent(),
+            timers: self.timers.len(),
         };
         if let Ok(mut published) = self.published.lock() {
             *published = stats;
@@ -372,6 +373,10 @@ impl Core {
             return;
         };
         let old = std::mem::replace(slot, Conn::Closed);
+        // A deadline belongs to the phase that armed it (a dial-in timeout
+        // means nothing to the pipe the client becomes); a phase that needs
+        // one arms its own.
+        self.timers.cancel(key);
         self.census.left(&old);
         let from = old.name();
         *slot = f(old);
@@ -437,6 +442,7 @@ impl Core {
             let Some(conn) = self.conns.try_remove(key) else {
                 continue;
             };
+            self.timers.cancel(key);
             self.census.left(&conn);
             log::trace!("#{key}: {} => closed", conn.name());
             match conn {

@@ -40,6 +40,9 @@ pub struct Stats {
     pub pipes: usize,
     /// Ring buffers lent out (only pipes with bytes in flight hold one).
     pub buffers_lent: usize,
+    /// Deadlines armed: authentication, dial-in, token and half-close idle
+    /// timeouts of the entries in those phases; none outlives its entry.
+    pub timers: usize,
 }
 
 impl Stats {

@@ -84,13 +84,13 @@ pub fn wait_for_stats(relay: &RunningRelay, what: &str, mut cond: impl FnMut(&St
     }
 }
 
-/// Waits until the relay holds no client, pipe or buffer: every scenario
-/// must end this way (no leaked connections, no leaked rings).
+/// Waits until the relay holds no client, pipe, buffer or timer: every
+/// scenario must end this way (no leaked connections, rings or deadlines).
 pub fn assert_no_leftovers(relay: &RunningRelay) {
     wait_for_stats(
         relay,
-        "no waiting clients, pipes or lent buffers remain",
-        |s| s.waiting_clients == 0 && s.pipes == 0 && s.buffers_lent == 0,
+        "no waiting clients, pipes, lent buffers or timers remain",
+        |s| s.waiting_clients == 0 && s.pipes == 0 && s.buffers_lent == 0 && s.timers == 0,
     );
 }
 

@@ -348,6 +348,35 @@ fn half_close_timeout_closes_an_idle_half_closed_pipe() {
     drop(dial_in);
 }
 
+/// An open pipe (neither side has shut down) may idle as long as its peers
+/// like: neither the dial-in timeout armed while its client waited nor the
+/// half-close idle timeout (for half-closed pipes only) closes it. Both are
+/// short here; the pipe idles for several times their sum, then still
+/// carries bytes both ways.
+#[test]
+fn an_open_pipe_idles_past_every_timeout() {
+    let timeout = Duration::from_millis(150);
+    let relay = start_relay_with(|c| {
+        c.dial_in_timeout = timeout;
+        c.half_close_timeout = timeout;
+    });
+    let app = TestApp::register(relay.reg_addr());
+    let mut client = connect(app.relayed_addr());
+    let mut dial_in = app.dial_in();
+    client.write_all(b"ping").expect("client writes");
+    assert_eq!(read_exactly(&mut dial_in, 4), b"ping");
+
+    // The behaviour under test is time passing with nothing moving.
+    thread::sleep(timeout * 8);
+    assert_eq!(relay.stats().pipes, 1, "the idle pipe is still there");
+    dial_in.write_all(b"pong").expect("app writes");
+    assert_eq!(read_exactly(&mut client, 4), b"pong");
+    client.write_all(b"again").expect("client writes again");
+    assert_eq!(read_exactly(&mut dial_in, 5), b"again");
+    drop((client, dial_in));
+    assert_no_leftovers(&relay);
+}
+
 /// A half-closed pipe that keeps moving bytes is not closed: the app sends
 /// 16 bytes every ~50 ms for 3x the timeout (500 ms), the client reads
 /// every one of them, and the stream ends with the app's own orderly EOF.
