@@ -84,6 +84,12 @@
 //! 7. **Deferred close.** Handlers only schedule closes; the loop reaps after
 //!    the turn, so a slot is never reused while an event for its previous
 //!    occupant may still be pending in the same batch.
+//! 7a. **A deadline belongs to its phase.** An entry has at most one timer;
+//!    every transition and every reap cancels it, and a phase that needs one
+//!    arms its own. Nothing outlives its entry (a relay that served a million
+//!    short connections holds none of their timers), and no phase is judged
+//!    by another's deadline (an open pipe has none: only a half-closed pipe
+//!    is timed, for idling).
 //! 8. **Errors close the pair, and only the pair.** An orderly end (FIN) is
 //!    carried as a half-close after every buffered byte is delivered; a
 //!    reset or error on either side closes both sides with RST. No error on
