@@ -84,21 +84,21 @@
 //! 7. **Deferred close.** Handlers only schedule closes; the loop reaps after
 //!    the turn, so a slot is never reused while an event for its previous
 //!    occupant may still be pending in the same batch.
-//! 7a. **A deadline belongs to its phase.** An entry has at most one timer;
+//! 8. **A deadline belongs to its phase.** An entry has at most one timer;
 //!    every transition and every reap cancels it, and a phase that needs one
 //!    arms its own. Nothing outlives its entry (a relay that served a million
 //!    short connections holds none of their timers), and no phase is judged
 //!    by another's deadline (an open pipe has none: only a half-closed pipe
 //!    is timed, for idling).
-//! 8. **Errors close the pair, and only the pair.** An orderly end (FIN) is
+//! 9. **Errors close the pair, and only the pair.** An orderly end (FIN) is
 //!    carried as a half-close after every buffered byte is delivered; a
 //!    reset or error on either side closes both sides with RST. No error on
 //!    one connection escapes its entry.
-//! 9. **An app owns its ports.** When the control connection ends, the
+//! 10. **An app owns its ports.** When the control connection ends, the
 //!    relayed and dial-in listeners close at once and waiting clients are
 //!    closed; established pipes run on.
-//! 10. **The relay never dials.** Every socket the relay holds was accepted.
-//! 11. **Secrets stay secret.** The shared secret never crosses the wire
+//! 11. **The relay never dials.** Every socket the relay holds was accepted.
+//! 12. **Secrets stay secret.** The shared secret never crosses the wire
 //!     (only HMACs over fresh nonces do) and never reaches a log or a
 //!     `Debug` output; tokens are compared in constant time.
 //!
