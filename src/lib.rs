@@ -95,8 +95,8 @@
 //!    reset or error on either side closes both sides with RST. No error on
 //!    one connection escapes its entry.
 //! 10. **An app owns its ports.** When the control connection ends, the
-//!    relayed and dial-in listeners close at once and waiting clients are
-//!    closed; established pipes run on.
+//!     relayed and dial-in listeners close at once and waiting clients are
+//!     closed; established pipes run on.
 //! 11. **The relay never dials.** Every socket the relay holds was accepted.
 //! 12. **Secrets stay secret.** The shared secret never crosses the wire
 //!     (only HMACs over fresh nonces do) and never reaches a log or a

@@ -92,6 +92,7 @@ impl Conn {
     pub fn timer_id(&self) -> Option<u64> {
         match self {
             Conn::Authenticating(a) => Some(a.id),
+            Conn::Registering(app) | Conn::Registered(app) => Some(app.id),
             Conn::AwaitingDialIn(w) => Some(w.id),
             Conn::Presenting(p) => Some(p.id),
             Conn::Piping(p) => Some(p.id),
@@ -219,6 +220,9 @@ pub struct App {
     pub spares: VecDeque<usize>,      // keys of ready dial-ins, oldest first
     pub spares_asked: usize,          // dial lines sent for spares, not yet dialled
     pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret)
+    pub spares_lost: u32,             // ready dial-ins in a row that died young
+    pub refill_pending: bool,         // replacements wait for the app's timer (back-off)
+    pub id: u64,                      // identity, for that timer
 }
 
 impl App {
@@ -228,6 +232,7 @@ impl App {
         relayed: TcpListener,
         dial: TcpListener,
         ports: (u16, u16),
+        id: u64,
     ) -> Self {
         App {
             control,
@@ -242,6 +247,9 @@ impl App {
             spares: VecDeque::new(),
             spares_asked: 0,
             spare_tokens: Vec::new(),
+            spares_lost: 0,
+            refill_pending: false,
+            id,
         }
     }
 
@@ -317,6 +325,7 @@ pub struct Spare {
     pub stream: TcpStream, // the dial-in
     pub app: usize,        // slab key of its app
     pub rx: RxState,       // its read half, from every event since it was registered
+    pub born: Instant,     // when it arrived, to tell a dial-in that died young
 }
 
 /// A client and its dial-in, piped; with what the idle timer needs.

@@ -676,3 +676,46 @@ fn relayed_app_registration_times_out_on_a_trickling_relay() {
     }
     join_unless_panicking(trickler, "the fake relay");
 }
+
+/// An app whose ready dial-ins die as soon as they arrive (an agent whose
+/// local service is down resets each one) does not make the relay ask for
+/// replacements in a tight loop: after the second death in a row they come
+/// with a growing back-off, so one second sees a handful of dial lines, not
+/// thousands. Once the dial-ins live again, the ready pool refills and
+/// serves clients.
+#[test]
+fn ready_dial_ins_that_die_young_are_replaced_with_back_off() {
+    use std::time::{Duration, Instant};
+    let relay = start_relay();
+    let app = TestApp::register(relay.reg_addr());
+    app.send_control(b"ready 2\n")
+        .expect("ask for two ready dial-ins");
+    let window = Instant::now() + Duration::from_secs(1);
+    let mut dial_lines = 0;
+    while let Some(left) = window.checked_duration_since(Instant::now()) {
+        let Ok(port) = app.poll_dial_port(left) else {
+            break; // no dial line in what was left of the window
+        };
+        dial_lines += 1;
+        let dial_in = connect(local(port));
+        set_reset_on_drop(&dial_in);
+        drop(dial_in); // dies young, as behind a local service that is down
+    }
+    assert!(
+        (2..=30).contains(&dial_lines),
+        "{dial_lines} dial lines in one second of dying dial-ins"
+    );
+
+    // The service is back: dial-ins now live, and the pool refills.
+    let mut ready = Vec::new();
+    while ready.len() < 2 {
+        ready.push(app.dial_in());
+    }
+    wait_for_stats(&relay, "two ready dial-ins again", |s| {
+        s.ready_dial_ins == 2
+    });
+    let mut client = connect(app.relayed_addr());
+    client.write_all(b"back").expect("client writes");
+    // The relay hands out its oldest ready dial-in: the first made.
+    assert_eq!(read_exactly(&mut ready[0], 4), b"back");
+}

@@ -118,7 +118,7 @@ impl Core {
         }
         self.transition(key, |conn| match conn {
             Conn::Authenticating(applicant) => {
-                let mut app = App::new(applicant.control, relayed, dial, ports);
+                let mut app = App::new(applicant.control, relayed, dial, ports, applicant.id);
                 app.control.queue(&established_line(ports.0));
                 app.requests = applicant.early;
                 Conn::Registering(app)
@@ -138,12 +138,13 @@ impl Core {
                 return refuse_unregistered(&control.stream, &format!("no relayed port: {e}"));
             }
         };
+        let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let mut control = control;
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut control.stream, token(key, CONTROL), interest)?;
             register_listeners(registry, key, &mut relayed, &mut dial)?;
-            let mut app = App::new(control, relayed, dial, ports);
+            let mut app = App::new(control, relayed, dial, ports, id);
             app.control.queue(&established_line(ports.0));
             Ok(Conn::Registering(app))
         });

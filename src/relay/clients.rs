@@ -3,7 +3,7 @@
 //! pipes, including the idle timer of half-closed pipes.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::Interest;
 use mio::net::TcpStream;
@@ -15,6 +15,14 @@ use crate::protocol::{dial_line, parse_token_line};
 use crate::reactor::token;
 use crate::sockio::{Io, no_delay, read_slice, reset_on_close};
 use crate::state::{Conn, Ending, Piped, Presenter, Spare, Waiting};
+
+/// A ready dial-in that dies sooner than this after arriving counts as a
+/// sign that its app cannot serve (see `back_off_if_failing`).
+const SPARE_GRACE: Duration = Duration::from_secs(1);
+
+/// Back-off of ready dial-in replacements while they keep dying young.
+const REFILL_FIRST: Duration = Duration::from_millis(100);
+const REFILL_CAP: Duration = Duration::from_secs(5);
 
 impl Core {
     /// A client on an app's relayed port: queue it and ask the app to dial
@@ -117,6 +125,9 @@ impl Core {
             other => other,
         });
         log::debug!("client {peer}: handed a ready dial-in");
+        if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
+            app.spares_lost = 0; // its ready dial-ins serve: the service is up
+        }
         self.pump(spare, now);
         self.top_up(app_key);
         self.flush_later(app_key);
@@ -164,7 +175,7 @@ impl Core {
         no_delay(&stream);
         match app.waiting.pop_front() {
             Some(client) => self.pair(client, stream, false, now),
-            None => self.stand_by(app_key, stream, false),
+            None => self.stand_by(app_key, stream, false, now),
         }
     }
 
@@ -199,7 +210,7 @@ impl Core {
         no_delay(&presenter.stream);
         match client {
             Some(client) => self.pair(client, presenter.stream, true, now),
-            None => self.stand_by(app_key, presenter.stream, true),
+            None => self.stand_by(app_key, presenter.stream, true, now),
         }
     }
 
@@ -217,7 +228,7 @@ impl Core {
 
     /// A dial-in with no client to pair: keep it ready if its app asked for
     /// ready dial-ins and has room for one more, else close it.
-    fn stand_by(&mut self, app_key: usize, mut stream: TcpStream, registered: bool) {
+    fn stand_by(&mut self, app_key: usize, mut stream: TcpStream, registered: bool, now: Instant) {
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
         };
@@ -240,6 +251,7 @@ impl Core {
                     app: app_key,
                     // Not read yet: the poll reports what is pending.
                     rx: RxState::default(),
+                    born: now,
                 })
             })
         });
@@ -258,6 +270,9 @@ impl Core {
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
         };
+        if app.refill_pending {
+            return; // backing off: see `check_spare`
+        }
         let wanted = app
             .ready
             .saturating_sub(app.spares.len() + app.spares_asked);
@@ -279,7 +294,7 @@ impl Core {
     /// A ready dial-in became readable: data a server-first app sent (kept
     /// for the client), or its end. `peek` tells which without consuming a
     /// byte; a dead one is closed and replaced, never handed a client.
-    pub(super) fn check_spare(&mut self, key: usize) {
+    pub(super) fn check_spare(&mut self, key: usize, now: Instant) {
         let Some(Conn::Standby(spare)) = self.conns.get_mut(key) else {
             return;
         };
@@ -294,11 +309,48 @@ impl Core {
             Err(e) => e.kind() != std::io::ErrorKind::Interrupted,
         };
         if dead {
-            let app_key = spare.app;
+            let (app_key, young) = (spare.app, now.duration_since(spare.born) < SPARE_GRACE);
             self.close(key, Ending::Gone);
+            self.back_off_if_failing(app_key, young, now);
             self.top_up(app_key);
             self.flush_later(app_key);
         }
+    }
+
+    /// Ready dial-ins that die as soon as they arrive say the app cannot
+    /// serve (its local service is down: the agent resets each dial-in it
+    /// cannot connect through). Replacing them at once would spin the relay
+    /// and the agent at full speed for as long as that lasts, so from the
+    /// second young death in a row replacements wait, doubling from
+    /// `REFILL_FIRST` to `REFILL_CAP`. A spare that lived, or served a
+    /// client, ends the streak.
+    fn back_off_if_failing(&mut self, app_key: usize, young: bool, now: Instant) {
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        app.spares_lost = if young { app.spares_lost + 1 } else { 0 };
+        if app.spares_lost < 2 || app.refill_pending {
+            return;
+        }
+        let delay = REFILL_FIRST
+            .saturating_mul(1 << (app.spares_lost - 2).min(10))
+            .min(REFILL_CAP);
+        app.refill_pending = true;
+        log::debug!(
+            "app {}: {} ready dial-ins died young; asking for more in {delay:?}",
+            app.control.peer,
+            app.spares_lost
+        );
+        self.timers.add(now + delay, app_key, app.id);
+    }
+
+    /// The app's refill back-off ended: ask for the missing ready dial-ins.
+    pub(super) fn refill(&mut self, app_key: usize) {
+        if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
+            app.refill_pending = false;
+        }
+        self.top_up(app_key);
+        self.flush_later(app_key);
     }
 
     /// Removes and returns the waiting client of `app_key` whose token is

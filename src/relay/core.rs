@@ -256,7 +256,7 @@ impl Core {
                 if let Some(event) = event {
                     spare.rx.note(event);
                 }
-                self.check_spare(key);
+                self.check_spare(key, now);
             }
             // A pipe: record readiness on the right side, then move bytes.
             (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
@@ -405,6 +405,7 @@ impl Core {
             };
             match conn {
                 Conn::Piping(_) => self.check_idle(key, now),
+                Conn::Registering(_) | Conn::Registered(_) => self.refill(key),
                 Conn::Authenticating(a) => {
                     log::debug!("app {} did not authenticate in time", a.control.peer);
                     self.close(key, Ending::TimedOut);
