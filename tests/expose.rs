@@ -214,6 +214,30 @@ fn local_service_down_then_up_again() {
     assert_no_leftovers(&relay);
 }
 
+/// The same with a secret, and a relay whose dial-in timeout no test
+/// outlives: the agent still dials in for each client, presents its token
+/// and then resets the dial-in, so the relay resets that client at once
+/// (a dial-in dropped before its token would leave the client waiting for
+/// the timeout).
+#[test]
+fn local_service_down_with_a_secret_resets_clients_at_once() {
+    let secret = || tcp_relay::Secret(b"down service".to_vec());
+    let relay = start_relay_with(|c| {
+        c.secret = Some(secret());
+        c.dial_in_timeout = std::time::Duration::from_secs(3600);
+    });
+    let agent = start_agent(AgentConfig {
+        secret: Some(secret()),
+        ..agent_config(relay.reg_addr(), local(free_port()))
+    });
+    let public = local(agent.relayed_port());
+    for _ in 0..3 {
+        assert_turned_away(try_connect(public), "a client of a dead service");
+    }
+    assert!(!agent.is_finished(), "the agent keeps running");
+    assert_no_leftovers(&relay);
+}
+
 /// A relay restarted on the same port under a running agent: the agent
 /// re-registers by itself and serves again.
 #[test]

@@ -14,7 +14,7 @@ use crate::auth::DialToken;
 use crate::pipe::{Echo, Endpoint, Pipe, RxState};
 use crate::protocol::token_line;
 use crate::reactor::token;
-use crate::sockio::{Io, reset_on_close, write_slice};
+use crate::sockio::{Io, write_slice};
 
 use super::Service;
 use super::control::Control;
@@ -32,11 +32,14 @@ impl Core {
             Ok(stream) => stream,
             Err(e) => return log::warn!("dial-in to {addr} failed: {e}"),
         };
-        let local = match &self.config.service {
-            Service::Echo => None,
+        let (local, refused) = match &self.config.service {
+            Service::Echo => (None, false),
             Service::Forward(local) => match TcpStream::connect(*local) {
-                Ok(stream) => Some(stream),
-                Err(e) => return self.local_failed(dial_in, &e),
+                Ok(stream) => (Some(stream), false),
+                Err(e) => {
+                    self.note_local(Some(&e));
+                    (None, true)
+                }
             },
         };
         let entry = self.conns.vacant_entry();
@@ -50,6 +53,7 @@ impl Core {
             rx: [RxState::default(); 2],
             token,
             id,
+            refused,
         };
         if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
             return log::warn!("dial-in to {addr} dropped: {e}");
@@ -98,6 +102,7 @@ impl Core {
             connected,
             rx,
             token,
+            refused,
             ..
         }) = self.conns.get_mut(key)
         else {
@@ -129,14 +134,28 @@ impl Core {
             }
             Ok(false) => return,
             Err(e) if sub == LOCAL => {
-                reset_on_close(dial_in);
+                *refused = true;
+                let dial_in_up = connected[DIAL_IN];
                 self.note_local(Some(&e));
-                return self.closing.push((key, true));
+                if dial_in_up {
+                    self.closing.push((key, true));
+                }
+                return;
             }
             Err(e) => {
                 log::debug!("dial-in failed: {e}");
                 return self.closing.push((key, true));
             }
+        }
+        // The local service failed: the dial-in still goes through (with
+        // its token) and is then reset, so the relay learns at once: its
+        // client gets a reset instead of waiting out the dial-in timeout,
+        // and a ready dial-in counts as dead instead of as never coming.
+        if *refused {
+            if connected[DIAL_IN] {
+                self.closing.push((key, true));
+            }
+            return;
         }
         let forwarding = local.is_some();
         if !(connected[DIAL_IN] && (connected[LOCAL] || !forwarding)) {
@@ -173,12 +192,6 @@ impl Core {
             )),
             other => other,
         };
-    }
-
-    /// The local service refused before the client was registered.
-    fn local_failed(&mut self, dial_in: TcpStream, e: &io::Error) {
-        reset_on_close(&dial_in);
-        self.note_local(Some(e));
     }
 
     /// Logs the local service going down (once) and coming back (once),

@@ -41,6 +41,7 @@ pub(super) enum Conn {
         rx: [RxState; 2],         // their read halves, from every event since registered
         token: Option<DialToken>, // to present first on the dial-in (with a secret)
         id: u64,                  // identity, for the connect timer
+        refused: bool,            // the local service failed: reset the dial-in once connected
     },
     /// A dial-in being echoed.
     Echoing(Echo),
