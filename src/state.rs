@@ -218,11 +218,11 @@ pub struct App {
     pub requests: Requests,           // what the app asked for, not yet acted on
     pub ready: usize,                 // dial-ins to keep ready (the `ready` extension)
     pub spares: VecDeque<usize>,      // keys of ready dial-ins, oldest first
-    pub spares_asked: usize,          // dial lines sent for spares, not yet dialled
-    pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret)
+    pub asked: VecDeque<Instant>,     // deadlines of dial lines sent for spares, oldest first
+    pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret), oldest first
     pub spares_lost: u32,             // ready dial-ins in a row that died young
-    pub refill_pending: bool,         // replacements wait for the app's timer (back-off)
-    pub id: u64,                      // identity, for that timer
+    pub refill_at: Option<Instant>,   // replacements wait until then (back-off)
+    pub id: u64,                      // identity, for the app's timer
 }
 
 impl App {
@@ -245,12 +245,18 @@ impl App {
             requests: Requests::default(),
             ready: 0,
             spares: VecDeque::new(),
-            spares_asked: 0,
+            asked: VecDeque::new(),
             spare_tokens: Vec::new(),
             spares_lost: 0,
-            refill_pending: false,
+            refill_at: None,
             id,
         }
+    }
+
+    /// When the app's timer should fire: the end of a refill back-off, or
+    /// the deadline of the oldest dial line for a spare still unanswered.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        crate::reactor::earliest(self.refill_at, self.asked.front().copied())
     }
 
     /// Reads what the app sent into `requests`.

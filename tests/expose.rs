@@ -743,3 +743,24 @@ fn ready_dial_ins_that_die_young_are_replaced_with_back_off() {
     // The relay hands out its oldest ready dial-in: the first made.
     assert_eq!(read_exactly(&mut ready[0], 4), b"back");
 }
+
+/// Ready dial-ins the relay asked for that never come (the app could not
+/// dial: out of descriptors, a connect that timed out) are given up after
+/// the dial-in timeout and asked for again, so the ready pool does not stay
+/// short for the rest of the app's registration.
+#[test]
+fn asked_ready_dial_ins_that_never_come_are_asked_again() {
+    let relay = start_relay_with(|c| c.dial_in_timeout = std::time::Duration::from_millis(200));
+    let app = TestApp::register(relay.reg_addr());
+    app.send_control(b"ready 2\n")
+        .expect("ask for two ready dial-ins");
+    // Two dial lines, ignored; then the relay must ask again, twice
+    // (`next_dial_port` fails the test if no line comes within 10 s).
+    for _ in 0..4 {
+        app.next_dial_port();
+    }
+    // Answering now fills the pool.
+    let _ready = [app.dial_in(), app.dial_in()];
+    wait_for_stats(&relay, "two ready dial-ins", |s| s.ready_dial_ins == 2);
+    assert_no_leftovers(&relay);
+}

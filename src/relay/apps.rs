@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Interest, Registry};
@@ -22,12 +23,7 @@ use crate::state::{App, Applicant, Conn, Control, Ending, Requests};
 impl Core {
     /// A connection on the registration port: challenge it (with a secret)
     /// or register it at once (the original protocol).
-    pub(super) fn admit_app(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        now: std::time::Instant,
-    ) {
+    pub(super) fn admit_app(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
         let max = self.config.max_apps;
         if self.census.apps + self.census.applicants >= max {
             self.crowded
@@ -38,7 +34,7 @@ impl Core {
         keep_alive(&stream);
         let control = Control::new(stream, peer, self.config.max_line);
         match self.config.secret {
-            None => self.register_app(control),
+            None => self.register_app(control, now),
             Some(_) => self.challenge(control, now),
         }
     }
@@ -65,14 +61,14 @@ impl Core {
         match inserted {
             Ok(key) => {
                 self.timers.add(now + self.config.register_timeout, key, id);
-                self.serve_applicant(key);
+                self.serve_applicant(key, now);
             }
             Err(e) => log::warn!("app dropped: cannot register its socket: {e}"),
         }
     }
 
     /// Writes the challenge and reads the answer; judges it once complete.
-    pub(super) fn serve_applicant(&mut self, key: usize) {
+    pub(super) fn serve_applicant(&mut self, key: usize, now: Instant) {
         let Some(Conn::Authenticating(applicant)) = self.conns.get_mut(key) else {
             return;
         };
@@ -96,12 +92,12 @@ impl Core {
             Ok(_) => {}
         }
         if let Some(answer) = answer {
-            self.judge(key, &answer);
+            self.judge(key, &answer, now);
         }
     }
 
     /// Admits an app whose answer is right; refuses one whose is not.
-    fn judge(&mut self, key: usize, answer: &[u8]) {
+    fn judge(&mut self, key: usize, answer: &[u8], now: Instant) {
         let Some(Conn::Authenticating(applicant)) = self.conns.get(key) else {
             return;
         };
@@ -125,11 +121,11 @@ impl Core {
             }
             other => other,
         });
-        self.registered(key, ports);
+        self.registered(key, ports, now);
     }
 
     /// An app without a secret to prove: open its ports and tell it.
-    fn register_app(&mut self, control: Control) {
+    fn register_app(&mut self, control: Control, now: Instant) {
         let peer = control.peer;
         let (mut relayed, mut dial, ports) = match self.open_listeners() {
             Ok(opened) => opened,
@@ -149,14 +145,14 @@ impl Core {
             Ok(Conn::Registering(app))
         });
         match inserted {
-            Ok(key) => self.registered(key, ports),
+            Ok(key) => self.registered(key, ports, now),
             Err(e) => log::warn!("app {peer} refused: cannot register its sockets: {e}"),
         }
     }
 
     /// Bookkeeping and the log line of a new registration, then the first
     /// flush of the established line.
-    fn registered(&mut self, key: usize, (relayed_port, dial_port): (u16, u16)) {
+    fn registered(&mut self, key: usize, (relayed_port, dial_port): (u16, u16), now: Instant) {
         self.held_ports.insert(relayed_port);
         if let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) {
             log::info!(
@@ -164,7 +160,7 @@ impl Core {
                 app.control.peer
             );
         }
-        self.serve_control(key);
+        self.serve_control(key, now);
     }
 
     /// A relayed-port listener (by the relay style and range) and a dial-in
@@ -221,7 +217,7 @@ impl Core {
     /// Reads from and writes to an app's control connection; answers its
     /// `port` request; moves it from Registering to Registered once the
     /// established line is out.
-    pub(super) fn serve_control(&mut self, key: usize) {
+    pub(super) fn serve_control(&mut self, key: usize, now: Instant) {
         let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
             return;
         };
@@ -231,7 +227,7 @@ impl Core {
             self.answer_port_request(key, request);
         }
         if let Some(request) = ready {
-            self.answer_ready(key, request);
+            self.answer_ready(key, request, now);
         }
         let Some(app) = self.conns.get_mut(key).and_then(Conn::app_mut) else {
             return;
@@ -248,6 +244,9 @@ impl Core {
                 Conn::Registering(app) => Conn::Registered(app),
                 other => other,
             });
+            // Same app, same deadlines (asked ready dial-ins): re-armed, as
+            // the transition cancelled the entry's timer.
+            self.arm_app_timer(key);
         }
     }
 
@@ -301,7 +300,7 @@ impl Core {
 
     /// The `ready` extension: keep this many dial-ins of the app ready. Any
     /// spares beyond a lowered count are closed; the rest are asked for.
-    fn answer_ready(&mut self, key: usize, request: Result<usize, ProtocolError>) {
+    fn answer_ready(&mut self, key: usize, request: Result<usize, ProtocolError>, now: Instant) {
         let count = match request {
             Ok(count) => count,
             Err(e) => return self.refuse(key, &format!("bad ready request: {e}")),
@@ -315,7 +314,7 @@ impl Core {
         for spare in extra {
             self.close(spare, Ending::Done);
         }
-        self.top_up(key);
+        self.top_up(key, now);
     }
 
     /// Answers an app (authenticating or registered) with an error line and

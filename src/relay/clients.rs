@@ -129,7 +129,7 @@ impl Core {
             app.spares_lost = 0; // its ready dial-ins serve: the service is up
         }
         self.pump(spare, now);
-        self.top_up(app_key);
+        self.top_up(app_key, now);
         self.flush_later(app_key);
     }
 
@@ -222,7 +222,7 @@ impl Core {
         let Some(at) = app.spare_tokens.iter().position(|t| t.matches(token)) else {
             return false;
         };
-        app.spare_tokens.swap_remove(at);
+        app.spare_tokens.remove(at); // in order: the oldest expire first
         true
     }
 
@@ -232,7 +232,13 @@ impl Core {
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
         };
-        app.spares_asked = app.spares_asked.saturating_sub(1);
+        // The oldest ask is taken as answered: deadlines are per count, not
+        // per line (with a secret, the token already proved it was asked).
+        app.asked.pop_front();
+        self.arm_app_timer(app_key);
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
         if app.spares.len() >= app.ready {
             return log::debug!("dial-in closed: no client is waiting");
         }
@@ -265,17 +271,22 @@ impl Core {
 
     /// Asks the app for as many dial-ins as it wants ready, beyond those it
     /// has and those already asked for. Queues the lines; callers flush.
-    pub(super) fn top_up(&mut self, app_key: usize) {
-        let secret = self.config.secret.is_some();
+    /// An asked dial-in that does not come within the dial-in timeout is
+    /// given up (see `app_due`), so an app that could not dial (out of
+    /// descriptors, a connect that timed out) is asked again rather than
+    /// left with a short ready pool for good.
+    pub(super) fn top_up(&mut self, app_key: usize, now: Instant) {
+        let (secret, deadline) = (
+            self.config.secret.is_some(),
+            now + self.config.dial_in_timeout,
+        );
         let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
             return;
         };
-        if app.refill_pending {
-            return; // backing off: see `check_spare`
+        if app.refill_at.is_some() {
+            return; // backing off: see `back_off_if_failing`
         }
-        let wanted = app
-            .ready
-            .saturating_sub(app.spares.len() + app.spares_asked);
+        let wanted = app.ready.saturating_sub(app.spares.len() + app.asked.len());
         for _ in 0..wanted {
             let token = if secret {
                 DialToken::random().ok()
@@ -287,8 +298,45 @@ impl Core {
             }
             app.control.queue(&dial_line(app.dial_port, token.as_ref()));
             app.spare_tokens.extend(token);
-            app.spares_asked += 1;
+            app.asked.push_back(deadline);
         }
+        self.arm_app_timer(app_key);
+    }
+
+    /// Arms the app entry's one timer for its next deadline (see
+    /// [`App::next_deadline`](crate::state::App::next_deadline)), or
+    /// cancels it when there is none.
+    pub(super) fn arm_app_timer(&mut self, app_key: usize) {
+        let Some(Conn::Registering(app) | Conn::Registered(app)) = self.conns.get(app_key) else {
+            return;
+        };
+        match app.next_deadline() {
+            Some(at) => self.timers.add(at, app_key, app.id),
+            None => self.timers.cancel(app_key),
+        }
+    }
+
+    /// The app's timer fired: a refill back-off ended, or asked dial-ins
+    /// did not come in time (forgotten, tokens too, and asked again).
+    pub(super) fn app_due(&mut self, app_key: usize, now: Instant) {
+        let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) else {
+            return;
+        };
+        if app.refill_at.is_some_and(|at| at <= now) {
+            app.refill_at = None;
+        }
+        while app.asked.front().is_some_and(|&at| at <= now) {
+            app.asked.pop_front();
+            if !app.spare_tokens.is_empty() {
+                app.spare_tokens.remove(0);
+            }
+            log::debug!(
+                "app {}: an asked ready dial-in did not come",
+                app.control.peer
+            );
+        }
+        self.top_up(app_key, now);
+        self.flush_later(app_key);
     }
 
     /// A ready dial-in became readable: data a server-first app sent (kept
@@ -312,7 +360,7 @@ impl Core {
             let (app_key, young) = (spare.app, now.duration_since(spare.born) < SPARE_GRACE);
             self.close(key, Ending::Gone);
             self.back_off_if_failing(app_key, young, now);
-            self.top_up(app_key);
+            self.top_up(app_key, now);
             self.flush_later(app_key);
         }
     }
@@ -329,28 +377,19 @@ impl Core {
             return;
         };
         app.spares_lost = if young { app.spares_lost + 1 } else { 0 };
-        if app.spares_lost < 2 || app.refill_pending {
+        if app.spares_lost < 2 || app.refill_at.is_some() {
             return;
         }
         let delay = REFILL_FIRST
             .saturating_mul(1 << (app.spares_lost - 2).min(10))
             .min(REFILL_CAP);
-        app.refill_pending = true;
+        app.refill_at = Some(now + delay);
         log::debug!(
             "app {}: {} ready dial-ins died young; asking for more in {delay:?}",
             app.control.peer,
             app.spares_lost
         );
-        self.timers.add(now + delay, app_key, app.id);
-    }
-
-    /// The app's refill back-off ended: ask for the missing ready dial-ins.
-    pub(super) fn refill(&mut self, app_key: usize) {
-        if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
-            app.refill_pending = false;
-        }
-        self.top_up(app_key);
-        self.flush_later(app_key);
+        self.arm_app_timer(app_key);
     }
 
     /// Removes and returns the waiting client of `app_key` whose token is

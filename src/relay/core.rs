@@ -149,7 +149,7 @@ impl Handler for Core {
         self.requeued.extend(due);
         self.expire(now);
         for app in std::mem::take(&mut self.unflushed) {
-            self.serve_control(app);
+            self.serve_control(app, now);
         }
         self.reap();
         if self.reserve.is_none() {
@@ -225,14 +225,14 @@ impl Core {
                 if let Some(event) = event {
                     applicant.control.note(event);
                 }
-                self.serve_applicant(key);
+                self.serve_applicant(key, now);
             }
             // A registered app's control connection: its requests, our lines.
             (Some(Conn::Registering(app) | Conn::Registered(app)), CONTROL) => {
                 if let Some(event) = event {
                     app.control.note(event);
                 }
-                self.serve_control(key);
+                self.serve_control(key, now);
             }
             // A client or a dial-in knocking on one of the app's listeners.
             (Some(Conn::Registering(_) | Conn::Registered(_)), RELAYED | DIAL) => {
@@ -405,7 +405,7 @@ impl Core {
             };
             match conn {
                 Conn::Piping(_) => self.check_idle(key, now),
-                Conn::Registering(_) | Conn::Registered(_) => self.refill(key),
+                Conn::Registering(_) | Conn::Registered(_) => self.app_due(key, now),
                 Conn::Authenticating(a) => {
                     log::debug!("app {} did not authenticate in time", a.control.peer);
                     self.close(key, Ending::TimedOut);

@@ -84,13 +84,14 @@ pub fn wait_for_stats(relay: &RunningRelay, what: &str, mut cond: impl FnMut(&St
     }
 }
 
-/// Waits until the relay holds no client, pipe, buffer or timer: every
+/// Waits until the relay holds no client, pipe or buffer, and no timer but
+/// at most one per app (for the ready dial-ins it asked for): every
 /// scenario must end this way (no leaked connections, rings or deadlines).
 pub fn assert_no_leftovers(relay: &RunningRelay) {
     wait_for_stats(
         relay,
-        "no waiting clients, pipes, lent buffers or timers remain",
-        |s| s.waiting_clients == 0 && s.pipes == 0 && s.buffers_lent == 0 && s.timers == 0,
+        "no waiting clients, pipes, lent buffers or client timers remain",
+        |s| s.waiting_clients == 0 && s.pipes == 0 && s.buffers_lent == 0 && s.timers <= s.apps,
     );
 }
 
