@@ -213,19 +213,19 @@ impl Stopper {
 /// closed entry's timer to expire on its own grows with the rate of
 /// connections times the timeout: at 10,000 connections a second, each
 /// half-closing once, a 10-minute idle timeout would hold six million.)
-/// A timer still carries its entry's identity, so an owner whose entry
-/// changed state under the same key can tell a timer armed for the old one.
+/// Owners cancel an entry's timer whenever it changes phase or closes, so a
+/// timer that fires always belongs to the phase that armed it: no identity
+/// needs to ride along.
 #[derive(Default)]
 pub struct Timers {
     order: BTreeSet<(Instant, usize)>, // (deadline, key), soonest first
-    armed: HashMap<usize, (Instant, u64)>, // key => (deadline, id)
+    armed: HashMap<usize, Instant>,    // key => deadline
 }
 
 impl Timers {
-    /// Arms the timer of entry `key`, whose occupant has identity `id`,
-    /// replacing any it had.
-    pub fn add(&mut self, deadline: Instant, key: usize, id: u64) {
-        if let Some((old, _)) = self.armed.insert(key, (deadline, id)) {
+    /// Arms the timer of entry `key`, replacing any it had.
+    pub fn add(&mut self, deadline: Instant, key: usize) {
+        if let Some(old) = self.armed.insert(key, deadline) {
             self.order.remove(&(old, key));
         }
         self.order.insert((deadline, key));
@@ -233,7 +233,7 @@ impl Timers {
 
     /// Disarms the timer of entry `key`, if any: for an entry being closed.
     pub fn cancel(&mut self, key: usize) {
-        if let Some((deadline, _)) = self.armed.remove(&key) {
+        if let Some(deadline) = self.armed.remove(&key) {
             self.order.remove(&(deadline, key));
         }
     }
@@ -243,14 +243,15 @@ impl Timers {
         self.order.first().map(|&(at, _)| at)
     }
 
-    /// Removes and returns one timer due at `now`, as (key, id).
-    pub fn pop_due(&mut self, now: Instant) -> Option<(usize, u64)> {
+    /// Removes one timer due at `now` and returns its entry's key.
+    pub fn pop_due(&mut self, now: Instant) -> Option<usize> {
         let &(at, key) = self.order.first()?;
         if at > now {
             return None;
         }
         self.order.pop_first();
-        self.armed.remove(&key).map(|(_, id)| (key, id))
+        self.armed.remove(&key);
+        Some(key)
     }
 
     /// How many timers are armed.
@@ -409,12 +410,12 @@ mod tests {
     fn timers_fire_in_deadline_order_only_when_due() {
         let t0 = Instant::now();
         let mut timers = Timers::default();
-        timers.add(t0 + Duration::from_secs(2), 1, 10);
-        timers.add(t0 + Duration::from_secs(1), 2, 20);
+        timers.add(t0 + Duration::from_secs(2), 1);
+        timers.add(t0 + Duration::from_secs(1), 2);
         assert_eq!(timers.next(), Some(t0 + Duration::from_secs(1)));
         assert_eq!(timers.pop_due(t0), None);
-        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((2, 20)));
-        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some((1, 10)));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some(2));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), Some(1));
         assert_eq!(timers.pop_due(t0 + Duration::from_secs(5)), None);
     }
 
@@ -422,16 +423,16 @@ mod tests {
     fn a_timer_is_replaced_by_its_entrys_next_and_gone_when_cancelled() {
         let t0 = Instant::now();
         let mut timers = Timers::default();
-        timers.add(t0 + Duration::from_secs(1), 1, 10);
-        timers.add(t0 + Duration::from_secs(3), 1, 11); // same entry: replaces
-        timers.add(t0 + Duration::from_secs(2), 2, 20);
+        timers.add(t0 + Duration::from_secs(1), 1);
+        timers.add(t0 + Duration::from_secs(3), 1); // same entry: replaces
+        timers.add(t0 + Duration::from_secs(2), 2);
         assert_eq!(timers.len(), 2);
         assert_eq!(timers.next(), Some(t0 + Duration::from_secs(2)));
         timers.cancel(2);
         timers.cancel(7); // nothing armed: no effect
         assert_eq!(timers.len(), 1);
         assert_eq!(timers.pop_due(t0 + Duration::from_secs(2)), None);
-        assert_eq!(timers.pop_due(t0 + Duration::from_secs(3)), Some((1, 11)));
+        assert_eq!(timers.pop_due(t0 + Duration::from_secs(3)), Some(1));
         assert!(timers.is_empty());
         assert_eq!(timers.next(), None);
     }

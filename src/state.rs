@@ -88,18 +88,6 @@ impl Conn {
         }
     }
 
-    /// The identity its timer carries, if it has one.
-    pub fn timer_id(&self) -> Option<u64> {
-        match self {
-            Conn::Authenticating(a) => Some(a.id),
-            Conn::Registering(app) | Conn::Registered(app) => Some(app.id),
-            Conn::AwaitingDialIn(w) => Some(w.id),
-            Conn::Presenting(p) => Some(p.id),
-            Conn::Piping(p) => Some(p.id),
-            _ => None,
-        }
-    }
-
     /// Sockets this entry holds for peers (listeners not counted).
     pub fn peer_sockets(&self) -> usize {
         match self {
@@ -202,7 +190,6 @@ pub struct Applicant {
     pub nonce: [u8; NONCE_LEN],    // the challenge it must answer
     pub answered: Option<Vec<u8>>, // its `auth` answer, once read
     pub early: Requests,           // requests sent right after the answer
-    pub id: u64,                   // identity, for its registration timer
 }
 
 /// A registered app: its control connection and the two listeners opened
@@ -222,7 +209,6 @@ pub struct App {
     pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret), oldest first
     pub spares_lost: u32,             // ready dial-ins in a row that died young
     pub refill_at: Option<Instant>,   // replacements wait until then (back-off)
-    pub id: u64,                      // identity, for the app's timer
 }
 
 impl App {
@@ -232,7 +218,6 @@ impl App {
         relayed: TcpListener,
         dial: TcpListener,
         ports: (u16, u16),
-        id: u64,
     ) -> Self {
         App {
             control,
@@ -249,7 +234,6 @@ impl App {
             spare_tokens: Vec::new(),
             spares_lost: 0,
             refill_at: None,
-            id,
         }
     }
 
@@ -301,7 +285,6 @@ pub struct Waiting {
     pub client: Endpoint,         // its socket; not read until paired
     pub peer: SocketAddr,         // for logs
     pub app: usize,               // slab key of its app
-    pub id: u64,                  // identity, to recognise this client's timer
     pub token: Option<DialToken>, // what its dial-in must present (with a secret)
 }
 
@@ -321,7 +304,6 @@ pub struct Presenter {
     pub app: usize,                 // slab key of the app it dialled
     pub line: [u8; TOKEN_LINE_LEN], // the token line so far
     pub got: usize,                 // bytes of it read
-    pub id: u64,                    // identity, for its timer
 }
 
 /// A dial-in kept ready for the next client of its app (the `ready`
@@ -337,7 +319,6 @@ pub struct Spare {
 /// A client and its dial-in, piped; with what the idle timer needs.
 pub struct Piped {
     pub pipe: Pipe,          // the sockets and their directions
-    pub id: u64,             // identity, for the half-close idle timer
     pub last_moved: Instant, // when bytes last moved (either way)
     pub moved: u64,          // bytes moved so far, to notice movement
     pub timer_armed: bool,   // the half-close idle timer is pending

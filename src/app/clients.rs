@@ -44,15 +44,12 @@ impl Core {
         };
         let entry = self.conns.vacant_entry();
         let key = entry.key();
-        self.next_id += 1;
-        let id = self.next_id;
         let mut conn = Conn::Dialing {
             dial_in,
             local,
             connected: [false, false],
             rx: [RxState::default(); 2],
             token,
-            id,
             refused,
         };
         if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
@@ -60,26 +57,20 @@ impl Core {
         }
         entry.insert(conn);
         let deadline = now + self.config.connect_timeout;
-        self.timers.add(deadline, key, id);
+        self.timers.add(deadline, key);
     }
 
     /// A client's connects did not all finish in time: close them with a
     /// reset (a dial-in the relay already paired resets its client) rather
-    /// than leave the client hanging. A timer of an entry that has moved on
-    /// (served, or closed and its key reused) finds a different state or id.
-    pub(super) fn connect_timed_out(&mut self, key: usize, id: u64) {
+    /// than leave the client hanging. (The timer is cancelled when the
+    /// entry is served or closed, so only a Dialing entry can see it fire.)
+    pub(super) fn connect_timed_out(&mut self, key: usize) {
         let Some(Conn::Dialing {
-            local,
-            connected,
-            id: current,
-            ..
+            local, connected, ..
         }) = self.conns.get(key)
         else {
             return;
         };
-        if *current != id {
-            return;
-        }
         let timeout = self.config.connect_timeout;
         if local.is_some() && !connected[LOCAL] {
             let e = io::Error::new(

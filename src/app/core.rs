@@ -40,7 +40,6 @@ pub(super) enum Conn {
         connected: [bool; 2],     // by sub-token: dial-in, local
         rx: [RxState; 2],         // their read halves, from every event since registered
         token: Option<DialToken>, // to present first on the dial-in (with a secret)
-        id: u64,                  // identity, for the connect timer
         refused: bool,            // the local service failed: reset the dial-in once connected
     },
     /// A dial-in being echoed.
@@ -66,7 +65,6 @@ pub(super) struct Core {
     pub(super) closing: Vec<(usize, bool)>, // (key, abort) to reap at the end of the turn
     pub(super) local_down: bool,    // the local service is failing (logged once)
     pub(super) timers: Timers,      // connect deadlines of Dialing entries
-    pub(super) next_id: u64,        // identity of the next Dialing entry
 }
 
 impl Core {
@@ -88,7 +86,6 @@ impl Core {
             closing: Vec::new(),
             local_down: false,
             timers: Timers::default(),
-            next_id: 0,
         }
     }
 }
@@ -113,8 +110,8 @@ impl Handler for Core {
         if self.control_deadline().is_some_and(|d| d <= now) {
             self.control_due(now);
         }
-        while let Some((key, id)) = self.timers.pop_due(now) {
-            self.connect_timed_out(key, id);
+        while let Some(key) = self.timers.pop_due(now) {
+            self.connect_timed_out(key);
         }
         self.reap();
     }

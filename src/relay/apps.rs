@@ -46,7 +46,6 @@ impl Core {
             Err(e) => return log::error!("app {} dropped: {e}", control.peer),
         };
         control.queue(&challenge_line(&nonce));
-        let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut control.stream, token(key, CONTROL), interest)?;
@@ -55,12 +54,11 @@ impl Core {
                 nonce,
                 answered: None,
                 early: Requests::default(),
-                id,
             }))
         });
         match inserted {
             Ok(key) => {
-                self.timers.add(now + self.config.register_timeout, key, id);
+                self.timers.add(now + self.config.register_timeout, key);
                 self.serve_applicant(key, now);
             }
             Err(e) => log::warn!("app dropped: cannot register its socket: {e}"),
@@ -114,7 +112,7 @@ impl Core {
         }
         self.transition(key, |conn| match conn {
             Conn::Authenticating(applicant) => {
-                let mut app = App::new(applicant.control, relayed, dial, ports, applicant.id);
+                let mut app = App::new(applicant.control, relayed, dial, ports);
                 app.control.queue(&established_line(ports.0));
                 app.requests = applicant.early;
                 Conn::Registering(app)
@@ -134,13 +132,12 @@ impl Core {
                 return refuse_unregistered(&control.stream, &format!("no relayed port: {e}"));
             }
         };
-        let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let mut control = control;
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut control.stream, token(key, CONTROL), interest)?;
             register_listeners(registry, key, &mut relayed, &mut dial)?;
-            let mut app = App::new(control, relayed, dial, ports, id);
+            let mut app = App::new(control, relayed, dial, ports);
             app.control.queue(&established_line(ports.0));
             Ok(Conn::Registering(app))
         });

@@ -67,7 +67,6 @@ impl Core {
             dial_line(app.dial_port, dial_token.as_ref()),
             app.relayed_port,
         );
-        let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut stream, token(key, CLIENT), interest)?;
@@ -75,7 +74,6 @@ impl Core {
                 client: Endpoint::new(stream, RxState::registered()),
                 peer,
                 app: app_key,
-                id,
                 token: dial_token,
             }))
         });
@@ -83,7 +81,7 @@ impl Core {
             Ok(key) => key,
             Err(e) => return log::warn!("client {peer} dropped: cannot register: {e}"),
         };
-        self.timers.add(now + self.config.dial_in_timeout, key, id);
+        self.timers.add(now + self.config.dial_in_timeout, key);
         if let Some(app) = self.conns.get_mut(app_key).and_then(Conn::app_mut) {
             app.waiting.push_back(key);
             app.control.queue(&line);
@@ -110,14 +108,12 @@ impl Core {
         {
             return log::warn!("client {peer} dropped: cannot register: {e}");
         }
-        let id = self.next_id();
         self.transition(spare, |conn| match conn {
             Conn::Standby(ready) => Conn::Piping(Piped {
                 pipe: Pipe::new(
                     Endpoint::new(client, RxState::registered()),
                     Endpoint::new(ready.stream, ready.rx),
                 ),
-                id,
                 last_moved: now,
                 moved: 0,
                 timer_armed: false,
@@ -144,7 +140,6 @@ impl Core {
         now: Instant,
     ) {
         if self.config.secret.is_some() {
-            let id = self.next_id();
             let inserted = self.insert(|key, registry| {
                 registry.register(&mut stream, token(key, 0), Interest::READABLE)?;
                 Ok(Conn::Presenting(Presenter {
@@ -153,11 +148,10 @@ impl Core {
                     app: app_key,
                     line: [0; TOKEN_LINE_LEN],
                     got: 0,
-                    id,
                 }))
             });
             if let Ok(key) = inserted {
-                self.timers.add(now + self.config.register_timeout, key, id);
+                self.timers.add(now + self.config.register_timeout, key);
                 self.read_token(key, now);
             }
             return;
@@ -311,7 +305,7 @@ impl Core {
             return;
         };
         match app.next_deadline() {
-            Some(at) => self.timers.add(at, app_key, app.id),
+            Some(at) => self.timers.add(at, app_key),
             None => self.timers.cancel(app_key),
         }
     }
@@ -433,7 +427,6 @@ impl Core {
                         waiting.client,
                         Endpoint::new(dial_in, RxState::registered()),
                     ),
-                    id: waiting.id,
                     last_moved: now,
                     moved: 0,
                     timer_armed: false,
@@ -457,8 +450,7 @@ impl Core {
         }
         if piped.pipe.is_half_closed() && !piped.timer_armed {
             piped.timer_armed = true;
-            self.timers
-                .add(now + self.config.half_close_timeout, key, piped.id);
+            self.timers.add(now + self.config.half_close_timeout, key);
         }
         match flow {
             Ok(Flow::Idle) => {}
@@ -484,6 +476,6 @@ impl Core {
             log::debug!("half-closed pipe idle for {timeout:?}: closed");
             return self.close(key, Ending::TimedOut);
         }
-        self.timers.add(idle_until, key, piped.id);
+        self.timers.add(idle_until, key);
     }
 }

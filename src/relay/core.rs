@@ -115,7 +115,6 @@ pub(super) struct Core {
     pub requeued: Vec<Token>,          // sockets that used their budget with work left
     pub closing: Vec<(usize, Ending)>, // entries to reap at the end of the turn
     pub held_ports: BTreeSet<u16>,     // relayed ports apps hold now
-    pub next_id: u64,                  // identity for the next timed entry
     pub census: Census,                // entries by state
     pub published: Arc<Mutex<Stats>>,  // the census as of the last turn, for other threads
     pub full: Alarm,                   // the connection limit is being hit
@@ -184,7 +183,6 @@ impl Core {
             requeued: Vec::new(),
             closing: Vec::new(),
             held_ports: BTreeSet::new(),
-            next_id: 0,
             census: Census::default(),
             published: Arc::default(),
             full: Alarm::default(),
@@ -360,12 +358,6 @@ impl Core {
         }
     }
 
-    /// A fresh identity for an entry with a timer.
-    pub fn next_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
-    }
-
     /// Replaces an entry's state with `f(old)`, logging `A => B`. The one
     /// place states change, so the census cannot drift.
     pub fn transition(&mut self, key: usize, f: impl FnOnce(Conn) -> Conn) {
@@ -396,21 +388,23 @@ impl Core {
         taken
     }
 
-    /// Fires due timers. A timer carries its entry's identity: one that
-    /// outlived its entry (paired, closed, reused slot) finds another id.
+    /// Fires due timers. A timer belongs to the phase its entry is in (every
+    /// transition and every reap cancels it: invariant *A deadline belongs
+    /// to its phase*), so the phase says what the deadline meant.
     fn expire(&mut self, now: Instant) {
-        while let Some((key, id)) = self.timers.pop_due(now) {
-            let Some(conn) = self.conns.get(key).filter(|c| c.timer_id() == Some(id)) else {
-                continue;
-            };
-            match conn {
-                Conn::Piping(_) => self.check_idle(key, now),
-                Conn::Registering(_) | Conn::Registered(_) => self.app_due(key, now),
-                Conn::Authenticating(a) => {
+        while let Some(key) = self.timers.pop_due(now) {
+            match self.conns.get(key) {
+                Some(Conn::Piping(_)) => self.check_idle(key, now),
+                Some(Conn::Registering(_) | Conn::Registered(_)) => self.app_due(key, now),
+                Some(Conn::Authenticating(a)) => {
                     log::debug!("app {} did not authenticate in time", a.control.peer);
                     self.close(key, Ending::TimedOut);
                 }
-                _ => self.close(key, Ending::TimedOut),
+                // A client without its dial-in, a dial-in without its token.
+                Some(Conn::AwaitingDialIn(_) | Conn::Presenting(_)) => {
+                    self.close(key, Ending::TimedOut);
+                }
+                Some(Conn::Standby(_) | Conn::Closed) | None => {} // never armed
             }
         }
     }
