@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use mio::net::TcpStream;
 
 use crate::ring::RingBuffer;
-use crate::sockio::{Io, read_into, write_from};
+use crate::sockio::{Io, read_into, write_from, write_kept};
 
 /// In-flight bytes of one direction.
 pub enum Buffer {
@@ -61,6 +61,25 @@ impl Buffer {
         match self {
             Buffer::Ring(ring) => write_from(dst, ring),
             Buffer::Kernel(pipe) => pipe.drain_to(dst.as_raw_fd()),
+        }
+    }
+
+    /// Writes held bytes from `skip` on to `dst`, keeping them held. Only a
+    /// ring can keep what it wrote (a kernel pipe's bytes are gone once
+    /// spliced), so for a kernel pipe this is [`drain_to`](Self::drain_to)
+    /// and its callers never ask it to keep.
+    pub fn drain_kept_to(&mut self, dst: &TcpStream, skip: usize) -> Io {
+        match self {
+            Buffer::Ring(ring) => write_kept(dst, ring, skip),
+            Buffer::Kernel(pipe) => pipe.drain_to(dst.as_raw_fd()),
+        }
+    }
+
+    /// Drops the oldest `n` held bytes: kept bytes no longer needed.
+    pub fn forget(&mut self, n: usize) {
+        match self {
+            Buffer::Ring(ring) => ring.consume(n),
+            Buffer::Kernel(_) => {}
         }
     }
 

@@ -83,6 +83,12 @@ pub struct Config {
     /// and a ring whenever no pipe can be had). On by default on Linux: it
     /// measured 1.3-1.5x the ring path's bulk throughput through a tunnel.
     pub splice: bool,
+    /// Listen backlog of every listener: connections the kernel completes
+    /// and queues for us between two accepts. Linux caps it at
+    /// `net.core.somaxconn`; the relay logs it at start when it is capped.
+    /// It also bounds the dial lines an app has outstanding (see the crate
+    /// docs, invariant *A dial-in is never dropped*).
+    pub backlog: u32,
 }
 
 /// A secret, kept out of debug output and logs.
@@ -119,6 +125,10 @@ impl Default for Config {
             half_close_timeout: Duration::from_secs(600),
             grace: Duration::from_secs(10),
             splice: cfg!(target_os = "linux"),
+            // 4096: nginx and HAProxy size their backlogs to what the system
+            // allows, and 4096 is Linux's own somaxconn since 5.4. A queue
+            // costs nothing until connections wait in it.
+            backlog: 4096,
         }
     }
 }

@@ -17,6 +17,8 @@
 //! app:      accept ─► [Authenticating] ─► Registering ─► Registered ─► closed
 //!                      (with a secret)                  (its ports close with it)
 //! client:   accept ─► AwaitingDialIn ─► Piping ─► closed
+//!                         │   ▲            │ (on trial: a ready dial-in
+//!                         │   └────────────┘  lost before its first byte)
 //!                         └─ timeout / app gone ─► closed
 //! dial-in:  accept ─► [Presenting] ─► joins its client's entry (or closed)
 //!                     (with a secret: reads the token)
@@ -101,6 +103,16 @@
 //! 12. **Secrets stay secret.** The shared secret never crosses the wire
 //!     (only HMACs over fresh nonces do) and never reaches a log or a
 //!     `Debug` output; tokens are compared in constant time.
+//! 13. **A dial-in is never dropped.** An app has at most as many dial
+//!     lines outstanding (sent, and not yet answered by an accepted
+//!     dial-in) as its dial-in listener's backlog holds, so an app that
+//!     dials in for all of them at once cannot overflow the kernel's accept
+//!     queue; clients beyond that wait, in order, to be asked for.
+//! 14. **Promised room is kept.** Under the connection limit, a waiting
+//!     client counts with the dial-in it will get, and an asked ready
+//!     dial-in counts from the moment it is asked for; a dial-in the relay
+//!     asked for is then always let in. New clients are refused at the
+//!     limit, never the dial-in of an admitted one.
 //!
 //! ## Using the library
 //!

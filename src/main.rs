@@ -70,6 +70,10 @@ struct ServeArgs {
     /// Most peer connections held at once (apps, clients, dial-ins); more are reset.
     #[arg(long, default_value_t = Config::default().max_connections, value_name = "N")]
     max_connections: usize,
+    /// Listen backlog of every listener (connections the kernel queues
+    /// between two accepts); capped by net.core.somaxconn, logged if so.
+    #[arg(long, default_value_t = Config::default().backlog, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    backlog: u32,
     /// Longest control line accepted from an app, in bytes.
     #[arg(long, default_value_t = Config::default().max_line, value_name = "BYTES")]
     max_line: usize,
@@ -125,6 +129,11 @@ struct ExposeArgs {
     /// may take before the client is reset.
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     connect_timeout: Duration,
+    /// Most clients served at once (each holds a dial-in and a local
+    /// connection); dial requests beyond it wait, in order. Default: what
+    /// the descriptor limit allows.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_clients: Option<u64>,
     /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
     #[arg(long)]
     no_splice: bool,
@@ -175,6 +184,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_waiting_per_app: args.max_waiting,
         max_connections: args.max_connections,
         max_line: args.max_line,
+        backlog: args.backlog,
         register_timeout: args.register_timeout,
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
@@ -199,6 +209,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         splice: Config::default().splice,
         reconnect: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
+        max_clients: None,
     })
 }
 
@@ -218,6 +229,9 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,
         connect_timeout: args.connect_timeout,
+        max_clients: args
+            .max_clients
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
     })
 }
 
@@ -231,6 +245,7 @@ fn run_agent(config: AgentConfig) -> Result<(), String> {
         .rsplit_once(':')
         .map_or(config.relay.as_str(), |(h, _)| h)
         .to_owned();
+    raise_fd_limit();
     let mut agent = Agent::new(config).map_err(|e| e.to_string())?;
     // Not println!, which panics when stdout is gone (piped into `head`):
     // the agent keeps running; only its address line has nowhere to go.
@@ -246,8 +261,9 @@ fn run_agent(config: AgentConfig) -> Result<(), String> {
 }
 
 /// Raises the soft descriptor limit to the hard one: each relayed client
-/// costs two descriptors, and the usual soft default (1024) would cap a relay
-/// at a few hundred clients for no reason. Logs the limit either way.
+/// costs two descriptors in the relay and two in the agent, and the usual
+/// soft default (1024) would cap either at a few hundred clients for no
+/// reason. Logs the limit either way.
 fn raise_fd_limit() {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
@@ -270,9 +286,5 @@ fn raise_fd_limit() {
             limit = raised;
         }
     }
-    log::info!(
-        "descriptor limit: {} (about {} clients)",
-        limit.rlim_cur,
-        limit.rlim_cur / 2
-    );
+    log::info!("descriptor limit: {}", limit.rlim_cur);
 }

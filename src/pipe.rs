@@ -108,7 +108,7 @@ impl Endpoint {
     /// at one. Needed because a reset that follows the peer's FIN would
     /// otherwise go unseen: a read half at EOF is never read again, and the
     /// other way may have nothing to write.
-    fn reset_pending(&mut self) -> bool {
+    pub fn reset_pending(&mut self) -> bool {
         if !std::mem::take(&mut self.error_hint) {
             return false;
         }
@@ -137,6 +137,17 @@ pub enum Broken {
     Reset,
     /// Some other socket error.
     Failed(io::Error),
+    /// A pipe's dial-in on trial (see [`Pipe::on_trial`]) ended or failed
+    /// before the app sent a byte: its client can be given another
+    /// dial-in, with every byte it sent ([`Pipe::into_replay`]).
+    Lost,
+}
+
+/// Which socket of a direction a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    Src, // reading the source
+    Dst, // writing (or shutting) the destination
 }
 
 /// What a pump left behind.
@@ -158,6 +169,9 @@ pub struct Direction {
     buffer: Option<Buffer>, // Some only while bytes are buffered or being read
     moved: u64,             // bytes written to the destination so far
     bulk: bool,             // the last read was large: splice (if on) pays off
+    keep: bool,             // written bytes stay in the ring, for a replay
+    kept: usize,            // bytes at the ring's head written but kept
+    hold_eof: bool,         // the source's EOF is noted but not carried yet
 }
 
 /// A read at least this large marks a direction as bulk: its next buffer is
@@ -167,29 +181,35 @@ pub struct Direction {
 const BULK_READ: usize = 16 * 1024;
 
 impl Direction {
+    /// A direction whose first bytes are already in `buffer` (a replay).
+    fn with_buffer(buffer: Option<Buffer>) -> Self {
+        Direction {
+            buffer,
+            ..Direction::default()
+        }
+    }
+
     /// Moves bytes until nothing more can move or the budget is spent, then
     /// carries a half-close: once the source is at EOF and every buffered
     /// byte is written, the destination's write half is shut.
-    pub fn pump(
+    fn pump(
         &mut self,
-        src: &TcpStream,
-        rx: &mut RxState,
-        dst: &TcpStream,
-        tx: &mut TxState,
+        (src, rx): (&TcpStream, &mut RxState),
+        (dst, tx): (&TcpStream, &mut TxState),
         pool: &mut BufferPool,
         last: bool,
-    ) -> Result<Flow, Broken> {
+    ) -> Result<Flow, (At, Broken)> {
         for _ in 0..PUMP_BUDGET {
-            let read = self.fill(src, rx, pool)?;
-            let written = self.drain(dst, tx)?;
+            let read = self.fill(src, rx, pool).map_err(|b| (At::Src, b))?;
+            let written = self.drain(dst, tx).map_err(|b| (At::Dst, b))?;
             self.return_buffer_if_empty(pool);
-            if rx.eof && self.buffer.is_none() && !tx.shut {
+            if rx.eof && !self.hold_eof && self.unsent() == 0 && !tx.shut {
                 // When this is the last way still open, the sockets close as
                 // soon as it ends, and the close sends the FIN (every byte
                 // was read, so it is not a reset): `shutdown` would be one
                 // syscall per connection for nothing.
                 if !last {
-                    shut_write(dst)?;
+                    shut_write(dst).map_err(|b| (At::Dst, b))?;
                 }
                 tx.shut = true;
             }
@@ -200,6 +220,11 @@ impl Direction {
         Ok(Flow::More)
     }
 
+    /// Bytes buffered and not yet written.
+    fn unsent(&self) -> usize {
+        self.buffer.as_ref().map_or(0, |b| b.len() - self.kept)
+    }
+
     /// One read into the buffer, if the source is readable and the buffer has
     /// room. Returns whether anything happened.
     fn fill(
@@ -208,10 +233,16 @@ impl Direction {
         rx: &mut RxState,
         pool: &mut BufferPool,
     ) -> Result<bool, Broken> {
+        if self.keep && self.kept > 0 && self.buffer.as_ref().is_some_and(Buffer::is_full) {
+            // A ring full of kept bytes would stall a client that sends
+            // more before its app answers (an upload): stop keeping.
+            self.stop_keeping();
+        }
         if !rx.readable || rx.eof || self.buffer.as_ref().is_some_and(Buffer::is_full) {
             return Ok(false);
         }
-        let bulk = self.bulk;
+        // Only a ring can keep what it wrote: no kernel pipe while keeping.
+        let bulk = self.bulk && !self.keep;
         let buffer = self.buffer.get_or_insert_with(|| pool.take(bulk));
         let offered = buffer.window();
         match buffer.fill_from(src) {
@@ -245,18 +276,26 @@ impl Direction {
         }
     }
 
-    /// One write from the buffer, if it holds bytes and the destination is
-    /// writable. Returns whether anything happened.
+    /// One write from the buffer, if it holds unsent bytes and the
+    /// destination is writable. Returns whether anything happened.
     fn drain(&mut self, dst: &TcpStream, tx: &mut TxState) -> Result<bool, Broken> {
-        let Some(buffer) = self.buffer.as_mut().filter(|r| !r.is_empty()) else {
-            return Ok(false);
-        };
-        if !tx.writable {
+        if self.unsent() == 0 || !tx.writable {
             return Ok(false);
         }
-        match buffer.drain_to(dst) {
+        let Some(buffer) = self.buffer.as_mut() else {
+            return Ok(false);
+        };
+        let outcome = if self.keep {
+            buffer.drain_kept_to(dst, self.kept)
+        } else {
+            buffer.drain_to(dst)
+        };
+        match outcome {
             Io::Moved(n) => {
                 self.moved += n as u64;
+                if self.keep {
+                    self.kept += n;
+                }
                 Ok(true)
             }
             Io::WouldBlock => {
@@ -266,6 +305,19 @@ impl Direction {
             Io::Eof | Io::Reset => Err(Broken::Reset),
             Io::Failed(e) => Err(Broken::Failed(e)),
         }
+    }
+
+    /// Whether bytes came from the source (written on, or waiting to be).
+    fn carried_any(&self) -> bool {
+        self.moved > 0 || self.unsent() > 0
+    }
+
+    /// Forgets kept bytes and keeps no more.
+    fn stop_keeping(&mut self) {
+        if let Some(buffer) = self.buffer.as_mut() {
+            buffer.forget(self.kept);
+        }
+        (self.keep, self.kept) = (false, 0);
     }
 
     fn return_buffer_if_empty(&mut self, pool: &mut BufferPool) {
@@ -292,6 +344,13 @@ fn shut_write(stream: &TcpStream) -> Result<(), Broken> {
     }
 }
 
+/// Where a pipe's trial stands after a pump (see [`Pipe::on_trial`]).
+enum Trial {
+    Pending, // b has sent nothing yet, and has not ended
+    Passed,  // b answered (or keeping stopped): an ordinary pipe from now on
+    Lost,    // b ended without a byte
+}
+
 /// Two sockets piped both ways. Finished when both write halves are shut,
 /// i.e. both peers ended their streams and every byte was delivered.
 pub struct Pipe {
@@ -300,18 +359,41 @@ pub struct Pipe {
     a_to_b: Direction, // bytes read from a, written to b
     b_to_a: Direction, // bytes read from b, written to a
     broken: bool,      // a pump failed: the pipe is dead for good
+    trial: bool,       // b has not sent a byte yet and may be swapped out
 }
 
 impl Pipe {
     /// Joins two endpoints; nothing moves until [`Pipe::pump`].
     pub fn new(a: Endpoint, b: Endpoint) -> Self {
+        Pipe::with_replay(a, b, None)
+    }
+
+    /// Joins two endpoints, with bytes `a` sent before (kept from a
+    /// dial-in that was lost on trial) to be written to `b` first.
+    pub fn with_replay(a: Endpoint, b: Endpoint, replay: Option<Buffer>) -> Self {
         Pipe {
             a,
             b,
-            a_to_b: Direction::default(),
+            a_to_b: Direction::with_buffer(replay),
             b_to_a: Direction::default(),
             broken: false,
+            trial: false,
         }
+    }
+
+    /// Joins a client `a` with a dial-in `b` that was made before the client
+    /// came (a ready dial-in), and that may turn out to be dead: until `b`
+    /// sends its first byte, every byte written to it is kept, and if it
+    /// ends or fails meanwhile the pump says [`Broken::Lost`] instead of
+    /// passing the end on, so the client can be given another dial-in with
+    /// nothing lost. Keeping stops early if a ring's worth of bytes is
+    /// written without an answer (then a loss is an ordinary failure).
+    pub fn on_trial(a: Endpoint, b: Endpoint) -> Self {
+        let mut pipe = Pipe::new(a, b);
+        pipe.trial = true;
+        pipe.a_to_b.keep = true;
+        pipe.b_to_a.hold_eof = true;
+        pipe
     }
 
     /// Bytes delivered so far, both ways together.
@@ -342,22 +424,86 @@ impl Pipe {
     }
 
     fn pump_both(&mut self, pool: &mut BufferPool) -> Result<Flow, Broken> {
-        let (a, b) = (&mut self.a, &mut self.b);
-        if a.reset_pending() || b.reset_pending() {
+        if self.a.reset_pending() {
             return Err(Broken::Reset);
         }
-        let ab_last = a.tx.shut;
-        let ab = self
-            .a_to_b
-            .pump(&a.stream, &mut a.rx, &b.stream, &mut b.tx, pool, ab_last)?;
-        let ba_last = b.tx.shut;
-        let ba = self
-            .b_to_a
-            .pump(&b.stream, &mut b.rx, &a.stream, &mut a.tx, pool, ba_last)?;
-        if a.tx.shut && b.tx.shut {
+        if self.b.reset_pending() {
+            return Err(self.lost_or(Broken::Reset));
+        }
+        let (ab, ba) = self.pump_ways(pool)?;
+        if self.trial {
+            match self.judge_trial() {
+                Trial::Lost => return Err(Broken::Lost),
+                // An end of b held back during the trial is carried by the
+                // next pump, which no event would bring: ask for it.
+                Trial::Passed => return Ok(Flow::More),
+                Trial::Pending => {}
+            }
+        }
+        if self.a.tx.shut && self.b.tx.shut {
             return Ok(Flow::Done);
         }
         Ok(ab.max(ba))
+    }
+
+    /// Pumps a to b, then b to a; a failure of b on trial is [`Broken::Lost`].
+    fn pump_ways(&mut self, pool: &mut BufferPool) -> Result<(Flow, Flow), Broken> {
+        let (a, b) = (&mut self.a, &mut self.b);
+        let ab_last = a.tx.shut;
+        let ab = self.a_to_b.pump(
+            (&a.stream, &mut a.rx),
+            (&b.stream, &mut b.tx),
+            pool,
+            ab_last,
+        );
+        let ab = match ab {
+            Err((At::Dst, broken)) => return Err(self.lost_or(broken)),
+            other => other.map_err(|(_, broken)| broken)?,
+        };
+        let ba_last = b.tx.shut;
+        let ba = self.b_to_a.pump(
+            (&b.stream, &mut b.rx),
+            (&a.stream, &mut a.tx),
+            pool,
+            ba_last,
+        );
+        let ba = match ba {
+            Err((At::Src, broken)) => return Err(self.lost_or(broken)),
+            other => other.map_err(|(_, broken)| broken)?,
+        };
+        Ok((ab, ba))
+    }
+
+    /// After a pump on trial: ends the trial once b has sent a byte (or
+    /// keeping stopped); says it is lost if b ended without a byte.
+    fn judge_trial(&mut self) -> Trial {
+        if self.b_to_a.carried_any() || !self.a_to_b.keep {
+            self.trial = false;
+            self.a_to_b.stop_keeping();
+            self.b_to_a.hold_eof = false;
+            return Trial::Passed;
+        }
+        if self.b.rx.eof {
+            Trial::Lost
+        } else {
+            Trial::Pending
+        }
+    }
+
+    /// What a failure of b means: a lost trial, or the failure itself.
+    fn lost_or(&self, broken: Broken) -> Broken {
+        if self.trial { Broken::Lost } else { broken }
+    }
+
+    /// Takes a pipe whose dial-in was lost on trial apart: the client's
+    /// endpoint, the lost dial-in (set to close with RST), and every byte
+    /// the client sent (kept, or not yet written), to be written to the
+    /// next dial-in first.
+    pub fn into_replay(mut self, pool: &mut BufferPool) -> (Endpoint, Endpoint, Option<Buffer>) {
+        self.b.abort_on_close();
+        self.b_to_a.release(pool);
+        let replay = self.a_to_b.buffer.take();
+        (self.a, self.b, replay)
     }
 
     /// Closes with RST on both sides (after a reset or error on one of them:
@@ -405,14 +551,15 @@ impl Echo {
             self.broken = true;
             return Err(Broken::Reset);
         }
-        let result = self.back.pump(
-            &end.stream,
-            &mut end.rx,
-            &end.stream,
-            &mut end.tx,
-            pool,
-            true,
-        );
+        let result = self
+            .back
+            .pump(
+                (&end.stream, &mut end.rx),
+                (&end.stream, &mut end.tx),
+                pool,
+                true,
+            )
+            .map_err(|(_, broken)| broken);
         self.broken = result.is_err();
         match result? {
             _ if end.tx.shut => Ok(Flow::Done),

@@ -92,6 +92,32 @@ impl RingBuffer {
         Ok(n)
     }
 
+    /// Offers the stored bytes from `skip` on (the oldest `skip` stay
+    /// untouched), as two slices, to `f`, without removing any: for bytes
+    /// written out but kept for a replay until [`consume`](Self::consume)d.
+    /// Returns what `f` returns, clamped to the bytes offered.
+    pub fn peek_with<E>(
+        &self,
+        skip: usize,
+        f: impl FnOnce(&[u8], &[u8]) -> Result<usize, E>,
+    ) -> Result<usize, E> {
+        let cap = self.capacity();
+        let skip = skip.min(self.len);
+        let start = (self.read_at + skip) % cap;
+        let len = self.len - skip;
+        let first_len = len.min(cap - start);
+        let first = &self.storage[start..start + first_len];
+        let second = &self.storage[..len - first_len];
+        Ok(f(first, second)?.min(len))
+    }
+
+    /// Removes the oldest `n` stored bytes (at most all of them).
+    pub fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.read_at = (self.read_at + n) % self.capacity();
+        self.len -= n;
+    }
+
     /// Copies as much of `data` as fits; returns the count copied.
     pub fn enqueue_slice(&mut self, data: &[u8]) -> usize {
         let copied = self.enqueue_with(|first, second| {
@@ -187,6 +213,29 @@ mod tests {
         });
         assert_eq!(seen, Ok(3));
         assert_eq!(drain_all(&mut ring), b"f");
+    }
+
+    #[test]
+    fn peeked_bytes_stay_until_consumed() {
+        let mut ring = RingBuffer::new(4);
+        ring.enqueue_slice(b"abc");
+        ring.consume(2);
+        ring.enqueue_slice(b"def"); // stored "cdef", wrapping after "cd"
+        let seen = ring.peek_with(1, |a, b| {
+            assert_eq!(a, b"d");
+            assert_eq!(b, b"ef");
+            Ok::<_, ()>(99)
+        });
+        assert_eq!(seen, Ok(3), "clamped to what was offered");
+        assert_eq!(ring.len(), 4, "peeking removes nothing");
+        assert_eq!(
+            ring.peek_with(4, |a, b| Ok::<_, ()>(a.len() + b.len())),
+            Ok(0)
+        );
+        ring.consume(3);
+        assert_eq!(drain_all(&mut ring), b"f");
+        ring.consume(5); // more than stored: empties, no panic
+        assert!(ring.is_empty());
     }
 
     #[test]

@@ -83,6 +83,24 @@ pub fn write_from(mut dst: impl Write, ring: &mut RingBuffer) -> Io {
     }
 }
 
+/// Writes the ring's stored bytes from `skip` on to `dst`, keeping them all
+/// stored (see [`RingBuffer::peek_with`]): for bytes that may have to be
+/// written again to another peer.
+pub fn write_kept(mut dst: impl Write, ring: &RingBuffer, skip: usize) -> Io {
+    let result = ring.peek_with(skip, |first, second| {
+        if second.is_empty() {
+            retry(|| dst.write(first))
+        } else {
+            retry(|| dst.write_vectored(&[IoSlice::new(first), IoSlice::new(second)]))
+        }
+    });
+    match result {
+        Ok(0) => Io::Reset,
+        Ok(n) => Io::Moved(n),
+        Err(e) => classify(e),
+    }
+}
+
 /// Writes `bytes` to `dst`, reporting how many went out.
 pub fn write_slice(mut dst: impl Write, bytes: &[u8]) -> Io {
     match retry(|| dst.write(bytes)) {
@@ -99,6 +117,45 @@ pub fn read_slice(mut src: impl Read, buf: &mut [u8]) -> Io {
         Ok(n) => Io::Moved(n),
         Err(e) => classify(e),
     }
+}
+
+/// A non-blocking listener on `addr` with room for `backlog` connections
+/// that completed their handshake but are not accepted yet. mio's own
+/// `TcpListener::bind` asks for 128, as std does; a burst of clients (or of
+/// dial-ins answering them) larger than that has SYNs dropped and retried
+/// after 1 s, 3 s, 7 s, which outlives many connect timeouts. Linux caps the
+/// value at `net.core.somaxconn` (see [`somaxconn`]). `SO_REUSEADDR` as mio
+/// sets it, so a relayed port can be reopened while old connections to it
+/// sit in TIME_WAIT.
+pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> io::Result<mio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Ok(mio::net::TcpListener::from_std(socket.into()))
+}
+
+/// The kernel's cap on every listen backlog (`net.core.somaxconn`), where
+/// it can be read (Linux); `None` elsewhere.
+pub fn somaxconn() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// The soft limit on open descriptors of this process, if it can be read.
+pub fn descriptor_limit() -> Option<usize> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    usize::try_from(limit.rlim_cur).ok()
 }
 
 /// Sets `TCP_NODELAY` on a listener, so the sockets it accepts start with it

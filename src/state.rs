@@ -30,6 +30,7 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
 use crate::auth::{DialToken, NONCE_LEN, TOKEN_LINE_LEN};
+use crate::buffer::Buffer;
 use crate::pipe::{Endpoint, Flow, Pipe, RxState};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
 use crate::sockio::{Io, read_slice, write_slice};
@@ -77,6 +78,14 @@ impl Conn {
             Conn::Standby(_) => "Standby",
             Conn::Piping(_) => "Piping",
             Conn::Closed => "Closed",
+        }
+    }
+
+    /// The app, in either of its registered phases.
+    pub fn app(&self) -> Option<&App> {
+        match self {
+            Conn::Registering(app) | Conn::Registered(app) => Some(app),
+            _ => None,
         }
     }
 
@@ -192,45 +201,62 @@ pub struct Applicant {
     pub early: Requests,           // requests sent right after the answer
 }
 
+/// Names an app entry from another entry: its slab key, and the app's
+/// identity, so that a key whose app has gone and whose slot now holds
+/// another app is not mistaken for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppRef {
+    pub key: usize, // the app's slab key
+    pub id: u64,    // the app's identity (never reused)
+}
+
 /// A registered app: its control connection and the two listeners opened
 /// for it. They live and die together (invariant *An app owns its ports*).
 pub struct App {
-    pub control: Control,             // the connection it registered on
-    pub relayed: TcpListener,         // the public port clients connect to
-    pub relayed_port: u16,            // its number, announced in the established line
-    pub dial: TcpListener,            // where the app dials in, one connection per client
-    pub dial_port: u16,               // its number, sent in every dial line
-    pub waiting: VecDeque<usize>,     // keys of clients awaiting a dial-in, oldest first
-    pub refusing: bool,               // clients are being refused (logged once per episode)
-    pub requests: Requests,           // what the app asked for, not yet acted on
-    pub ready: usize,                 // dial-ins to keep ready (the `ready` extension)
-    pub spares: VecDeque<usize>,      // keys of ready dial-ins, oldest first
-    pub asked: VecDeque<Instant>,     // deadlines of dial lines sent for spares, oldest first
-    pub spare_tokens: Vec<DialToken>, // tokens of those lines (with a secret), oldest first
-    pub spares_lost: u32,             // ready dial-ins in a row that died young
-    pub refill_at: Option<Instant>,   // replacements wait until then (back-off)
+    pub id: u64,                        // identity, unique for the relay's life
+    pub control: Control,               // the connection it registered on
+    pub relayed: TcpListener,           // the public port clients connect to
+    pub relayed_port: u16,              // its number, announced in the established line
+    pub dial: TcpListener,              // where the app dials in, one connection per client
+    pub dial_port: u16,                 // its number, sent in every dial line
+    pub waiting: VecDeque<usize>,       // keys of clients awaiting a dial-in, oldest first
+    pub unasked: usize,                 // the newest of them, not asked for yet (pacing)
+    pub client_asks: VecDeque<Instant>, // deadlines of dial lines sent for clients, oldest first
+    pub presenting: usize,              // its dial-ins still presenting their token
+    pub refusing: bool,                 // clients are being refused (logged once per episode)
+    pub requests: Requests,             // what the app asked for, not yet acted on
+    pub ready: usize,                   // dial-ins to keep ready (the `ready` extension)
+    pub spares: VecDeque<usize>,        // keys of ready dial-ins, oldest first
+    pub spare_asks: VecDeque<Instant>,  // deadlines of dial lines sent for spares, oldest first
+    pub spare_tokens: Vec<DialToken>,   // tokens of those lines (with a secret), oldest first
+    pub spares_lost: u32,               // ready dial-ins in a row that died young
+    pub refill_at: Option<Instant>,     // replacements wait until then (back-off)
 }
 
 impl App {
     /// A new app on its freshly opened listeners.
     pub fn new(
+        id: u64,
         control: Control,
-        relayed: TcpListener,
-        dial: TcpListener,
+        (relayed, dial): (TcpListener, TcpListener),
         ports: (u16, u16),
     ) -> Self {
         App {
+            id,
             control,
             relayed,
             relayed_port: ports.0,
             dial,
             dial_port: ports.1,
             waiting: VecDeque::new(),
+            unasked: 0,
+            client_asks: VecDeque::new(),
+            presenting: 0,
             refusing: false,
             requests: Requests::default(),
             ready: 0,
             spares: VecDeque::new(),
-            asked: VecDeque::new(),
+            spare_asks: VecDeque::new(),
             spare_tokens: Vec::new(),
             spares_lost: 0,
             refill_at: None,
@@ -238,9 +264,26 @@ impl App {
     }
 
     /// When the app's timer should fire: the end of a refill back-off, or
-    /// the deadline of the oldest dial line for a spare still unanswered.
+    /// the deadline of the oldest dial line still unanswered.
     pub fn next_deadline(&self) -> Option<Instant> {
-        crate::reactor::earliest(self.refill_at, self.asked.front().copied())
+        let asks = crate::reactor::earliest(
+            self.client_asks.front().copied(),
+            self.spare_asks.front().copied(),
+        );
+        crate::reactor::earliest(self.refill_at, asks)
+    }
+
+    /// Dial lines sent and not answered by a dial-in yet: at most what the
+    /// dial-in listener's backlog holds (invariant *A dial-in is never
+    /// dropped*).
+    pub fn asks_out(&self) -> usize {
+        self.client_asks.len() + self.spare_asks.len()
+    }
+
+    /// Dial-ins this app has been promised room for: those asked for and
+    /// those of waiting clients still to be asked (see `Core::reserved`).
+    pub fn reservations(&self) -> usize {
+        self.asks_out() + self.unasked
     }
 
     /// Reads what the app sent into `requests`.
@@ -284,8 +327,9 @@ impl Requests {
 pub struct Waiting {
     pub client: Endpoint,         // its socket; not read until paired
     pub peer: SocketAddr,         // for logs
-    pub app: usize,               // slab key of its app
+    pub app: AppRef,              // its app
     pub token: Option<DialToken>, // what its dial-in must present (with a secret)
+    pub replay: Option<Buffer>,   // bytes it sent to a dial-in lost on trial
 }
 
 impl Waiting {
@@ -301,7 +345,7 @@ impl Waiting {
 pub struct Presenter {
     pub stream: TcpStream,          // the dial-in
     pub peer: SocketAddr,           // for logs
-    pub app: usize,                 // slab key of the app it dialled
+    pub app: AppRef,                // the app it dialled
     pub line: [u8; TOKEN_LINE_LEN], // the token line so far
     pub got: usize,                 // bytes of it read
 }
@@ -311,17 +355,19 @@ pub struct Presenter {
 /// for the client; only its death is watched for, with `peek`.
 pub struct Spare {
     pub stream: TcpStream, // the dial-in
-    pub app: usize,        // slab key of its app
+    pub app: AppRef,       // its app
     pub rx: RxState,       // its read half, from every event since it was registered
     pub born: Instant,     // when it arrived, to tell a dial-in that died young
 }
 
 /// A client and its dial-in, piped; with what the idle timer needs.
 pub struct Piped {
-    pub pipe: Pipe,          // the sockets and their directions
-    pub last_moved: Instant, // when bytes last moved (either way)
-    pub moved: u64,          // bytes moved so far, to notice movement
-    pub timer_armed: bool,   // the half-close idle timer is pending
+    pub pipe: Pipe,            // the sockets and their directions
+    pub peer: SocketAddr,      // the client's address, for logs
+    pub trial: Option<AppRef>, // the app whose ready dial-in it got, while on trial
+    pub last_moved: Instant,   // when bytes last moved (either way)
+    pub moved: u64,            // bytes moved so far, to notice movement
+    pub timer_armed: bool,     // the half-close idle timer is pending
 }
 
 /// Why an entry closes; decides log level and FIN versus RST.

@@ -20,10 +20,48 @@ use super::Service;
 use super::control::Control;
 use super::core::{Conn, Core, DIAL_IN, LOCAL, connect_result};
 
+/// Most dial lines kept waiting for room under `max_clients`. Beyond it a
+/// line is dropped: its client is closed by the relay's dial-in timeout, as
+/// it would be anyway after waiting behind this many.
+const MAX_QUEUED: usize = 16 * 1024;
+
 impl Core {
+    /// A dial line from the relay: served now if fewer than `max_clients`
+    /// clients are, else queued behind those already waiting.
+    pub(super) fn want_dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
+        if self.conns.len() < self.max_clients && self.queued.is_empty() {
+            return self.dial(port, token, now);
+        }
+        if !self.crowded {
+            log::warn!(
+                "{} clients in service (--max-clients): further dial requests wait",
+                self.conns.len()
+            );
+            self.crowded = true;
+        }
+        if self.queued.len() >= MAX_QUEUED {
+            return log::debug!("dial request dropped: {MAX_QUEUED} already wait");
+        }
+        self.queued.push_back((port, token));
+    }
+
+    /// Serves queued dial lines, oldest first, while there is room.
+    pub(super) fn dial_queued(&mut self, now: Instant) {
+        while self.conns.len() < self.max_clients {
+            let Some((port, token)) = self.queued.pop_front() else {
+                if self.crowded {
+                    log::info!("no dial request waits any more");
+                    self.crowded = false;
+                }
+                return;
+            };
+            self.dial(port, token, now);
+        }
+    }
+
     /// Starts the connects for one client: the dial-in and, when forwarding,
     /// the local service, both non-blocking.
-    pub(super) fn dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
+    fn dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
         let (Control::Ready(link, _) | Control::Registering(link, _)) = &self.control else {
             return;
         };
@@ -65,6 +103,11 @@ impl Core {
     /// than leave the client hanging. (The timer is cancelled when the
     /// entry is served or closed, so only a Dialing entry can see it fire.)
     pub(super) fn connect_timed_out(&mut self, key: usize) {
+        // A connect that completed while this turn was busy has its event
+        // in the next poll, not taken yet: ask the sockets before giving up.
+        for sub in [DIAL_IN, LOCAL] {
+            self.finish_connect(key, sub, None);
+        }
         let Some(Conn::Dialing {
             local, connected, ..
         }) = self.conns.get(key)

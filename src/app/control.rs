@@ -165,7 +165,7 @@ impl Core {
         }
         for line in lines {
             match line {
-                Ok(RelayLine::Dial(port, token)) => self.dial(port, token, now),
+                Ok(RelayLine::Dial(port, token)) => self.want_dial(port, token, now),
                 Ok(RelayLine::Challenge(nonce)) => self.greet(Some(&nonce), now),
                 Ok(RelayLine::Established(port)) => {
                     self.greet(None, now);
@@ -254,6 +254,8 @@ impl Core {
     /// try again, or give up if reconnecting is off.
     fn lost(&mut self, now: Instant, why: String) {
         self.public_port.store(0, Ordering::Release);
+        // Dial lines name the lost registration's dial-in port: stale now.
+        self.queued.clear();
         if let Control::Connecting(mut stream, _)
         | Control::Registering(Link { mut stream, .. }, _)
         | Control::Ready(Link { mut stream, .. }, _) =

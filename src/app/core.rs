@@ -2,6 +2,7 @@
 //! phase, one [`Conn`] per client), the reactor's callbacks, dispatch by
 //! token and state, pumping and deferred close.
 
+use std::collections::VecDeque;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU16;
@@ -65,6 +66,9 @@ pub(super) struct Core {
     pub(super) closing: Vec<(usize, bool)>, // (key, abort) to reap at the end of the turn
     pub(super) local_down: bool,    // the local service is failing (logged once)
     pub(super) timers: Timers,      // connect deadlines of Dialing entries
+    pub(super) max_clients: usize,  // most entries (clients served) at once
+    pub(super) queued: VecDeque<(u16, Option<DialToken>)>, // dial lines waiting for room, oldest first
+    pub(super) crowded: bool, // dial lines are waiting (logged once per episode)
 }
 
 impl Core {
@@ -74,7 +78,6 @@ impl Core {
         let splice = config.splice;
         Core {
             registry,
-            config,
             control: Control::Waiting(Instant::now()),
             attempts: 0,
             public_port: Arc::new(AtomicU16::new(0)),
@@ -86,6 +89,13 @@ impl Core {
             closing: Vec::new(),
             local_down: false,
             timers: Timers::default(),
+            max_clients: config
+                .max_clients
+                .unwrap_or_else(AgentConfig::default_max_clients)
+                .max(1),
+            queued: VecDeque::new(),
+            crowded: false,
+            config,
         }
     }
 }
@@ -114,6 +124,7 @@ impl Handler for Core {
             self.connect_timed_out(key);
         }
         self.reap();
+        self.dial_queued(now);
     }
 }
 
@@ -173,7 +184,8 @@ impl Core {
             Ok(Flow::Idle) => {}
             Ok(Flow::More) => self.requeued.push(token(key, DIAL_IN)),
             Ok(Flow::Done) => self.closing.push((key, false)),
-            Err(Broken::Reset) => self.closing.push((key, true)),
+            // A lost trial is the relay's notion; here it is a reset.
+            Err(Broken::Reset | Broken::Lost) => self.closing.push((key, true)),
             Err(Broken::Failed(e)) => {
                 log::debug!("client stream failed: {e}");
                 self.closing.push((key, true));

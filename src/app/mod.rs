@@ -77,12 +77,31 @@ pub struct AgentConfig {
     /// host that drops SYNs would otherwise hold it for the kernel's two
     /// minutes of SYN retries.
     pub connect_timeout: Duration,
+    /// Most clients served at once: each holds a dial-in and a local
+    /// connection, so the relay (which sends one dial line per client)
+    /// would otherwise decide how many descriptors the agent spends. Dial
+    /// lines beyond it wait in order; the relay's dial-in timeout answers
+    /// for those that wait too long. `None`: sized from the descriptor
+    /// limit (see [`AgentConfig::default_max_clients`]).
+    pub max_clients: Option<usize>,
 }
 
 impl AgentConfig {
     /// The default of [`connect_timeout`](Self::connect_timeout), as the
     /// relay's default dial-in timeout.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// The default of [`max_clients`](Self::max_clients): what the soft
+    /// descriptor limit holds when every client holds all it can: two
+    /// sockets and, while bytes are in flight both ways, two kernel pipes
+    /// for splicing (two descriptors each), keeping 64 descriptors for the
+    /// control connection, the poll, the standard streams and slack. (A
+    /// pipe that cannot be made falls back to a ring, but a socket that
+    /// cannot be made loses its client, so sockets get the guarantee.)
+    pub fn default_max_clients() -> usize {
+        let limit = crate::sockio::descriptor_limit().unwrap_or(1024);
+        (limit.saturating_sub(64) / 6).max(1)
+    }
 }
 
 /// Why an agent stopped on its own.
@@ -244,6 +263,7 @@ impl EchoApp {
             splice: crate::Config::default().splice,
             reconnect: false,
             connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
+            max_clients: None,
         })?;
         let relayed_port = agent.register()?;
         Ok(EchoApp {

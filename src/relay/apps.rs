@@ -17,7 +17,7 @@ use crate::protocol::{
     AppLine, ProtocolError, challenge_line, error_line, established_line, parse_app_line,
 };
 use crate::reactor::token;
-use crate::sockio::{keep_alive, no_delay_listener, write_slice};
+use crate::sockio::{keep_alive, listen, no_delay_listener, write_slice};
 use crate::state::{App, Applicant, Conn, Control, Ending, Requests};
 
 impl Core {
@@ -110,9 +110,10 @@ impl Core {
         if let Err(e) = register_listeners(&self.registry, key, &mut relayed, &mut dial) {
             return self.refuse(key, &format!("no relayed port: {e}"));
         }
+        let id = self.next_id();
         self.transition(key, |conn| match conn {
             Conn::Authenticating(applicant) => {
-                let mut app = App::new(applicant.control, relayed, dial, ports);
+                let mut app = App::new(id, applicant.control, (relayed, dial), ports);
                 app.control.queue(&established_line(ports.0));
                 app.requests = applicant.early;
                 Conn::Registering(app)
@@ -132,12 +133,13 @@ impl Core {
                 return refuse_unregistered(&control.stream, &format!("no relayed port: {e}"));
             }
         };
+        let id = self.next_id();
         let inserted = self.insert(|key, registry| {
             let mut control = control;
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut control.stream, token(key, CONTROL), interest)?;
             register_listeners(registry, key, &mut relayed, &mut dial)?;
-            let mut app = App::new(control, relayed, dial, ports);
+            let mut app = App::new(id, control, (relayed, dial), ports);
             app.control.queue(&established_line(ports.0));
             Ok(Conn::Registering(app))
         });
@@ -164,7 +166,7 @@ impl Core {
     /// listener on an OS-assigned port, not yet registered.
     fn open_listeners(&self) -> io::Result<(TcpListener, TcpListener, (u16, u16))> {
         let relayed = self.open_relayed_port()?;
-        let dial = TcpListener::bind(SocketAddr::new(self.config.bind, 0))?;
+        let dial = listen(SocketAddr::new(self.config.bind, 0), self.config.backlog)?;
         no_delay_listener(&relayed);
         no_delay_listener(&dial);
         let ports = (relayed.local_addr()?.port(), dial.local_addr()?.port());
@@ -177,7 +179,7 @@ impl Core {
         let (lo, hi) = self.port_range();
         let ports: Box<dyn Iterator<Item = u16>> = match self.config.relay_style {
             RelayStyle::Random if self.config.port_range.is_none() => {
-                return TcpListener::bind(SocketAddr::new(self.config.bind, 0));
+                return listen(SocketAddr::new(self.config.bind, 0), self.config.backlog);
             }
             // A random start, then every port of the range once, wrapping.
             RelayStyle::Random => {
@@ -189,7 +191,7 @@ impl Core {
             RelayStyle::Increment => Box::new(lo..=hi),
         };
         for port in ports.filter(|p| !self.held_ports.contains(p)) {
-            match TcpListener::bind(SocketAddr::new(self.config.bind, port)) {
+            match listen(SocketAddr::new(self.config.bind, port), self.config.backlog) {
                 Ok(listener) => return Ok(listener),
                 Err(e)
                     if matches!(
@@ -231,10 +233,15 @@ impl Core {
         };
         let result = read.and_then(|flow| app.control.flush().map(|()| flow));
         let flushed = app.control.flushed();
+        let unasked = app.unasked > 0;
         match result {
             Ok(Flow::More) => self.requeued.push(token(key, CONTROL)),
             Ok(_) => {}
             Err(ending) => return self.close(key, ending),
+        }
+        if unasked && flushed {
+            // Dial lines held back for want of outbox room can go now.
+            self.ask_for_waiting(key, now);
         }
         if flushed && matches!(self.conns.get(key), Some(Conn::Registering(_))) {
             self.transition(key, |conn| match conn {
@@ -272,7 +279,8 @@ impl Core {
         if self.held_ports.contains(&port) || port == self.reg_addr.port() {
             return self.refuse(key, &format!("port {port} is taken"));
         }
-        let mut relayed = match TcpListener::bind(SocketAddr::new(self.config.bind, port)) {
+        let mut relayed = match listen(SocketAddr::new(self.config.bind, port), self.config.backlog)
+        {
             Ok(listener) => listener,
             Err(e) => return self.refuse(key, &format!("port {port} is unavailable: {e}")),
         };

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::pool::BufferPool;
 use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Timers, split};
 use crate::sockio::reset_on_close;
-use crate::state::{App, Conn, Ending, Piped};
+use crate::state::{App, AppRef, Conn, Ending, Piped};
 
 /// The registration listener's token (fixed; connection tokens are slab keys).
 pub(super) const REG_LISTENER: Token = reactor::MAIN;
@@ -35,6 +35,8 @@ pub(super) const DIAL: usize = 2;
 /// of its own with its socket at `DIAL_IN`, so that a client can join it.
 pub(super) const CLIENT: usize = 0;
 pub(super) const DIAL_IN: usize = 1;
+/// A presenting dial-in is an entry of its own, its socket at sub-token 0.
+pub(super) const PRESENTING: usize = 0;
 
 /// Free rings the pool keeps for reuse: enough that busy pipes rarely
 /// allocate, small enough (16 × 64 KiB = 1 MiB) that a relay idle after a
@@ -122,30 +124,50 @@ pub(super) struct Core {
     pub draining: Option<Instant>,     // shutting down: pipes may drain until then
     pub reserve: Option<File>,         // a descriptor held back for a dial-in at EMFILE
     pub unflushed: Vec<usize>,         // apps with dial lines queued this turn
+    pub noted: Vec<Token>,             // sockets an event of this turn made ready
+    pub accepting: Vec<Token>,         // listeners with connections to take
+    pub reserved: usize,               // dial-ins promised room (see `committed`)
+    pub backlog: usize,                // the listen backlog the kernel grants
+    pub next_app_id: u64,              // identity of the next app
 }
 
 impl Handler for Core {
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.requeued.is_empty() {
+        if !self.requeued.is_empty() || !self.accepting.is_empty() {
             return Some(Duration::ZERO);
         }
         let deadline = reactor::earliest(self.timers.next(), self.gate.deadline());
         reactor::until(reactor::earliest(deadline, self.draining), now)
     }
 
-    fn on_event(&mut self, event: &Event, now: Instant) {
-        self.dispatch(event.token(), Some(event), now);
+    /// Only notes what the event says: the work runs in `end_turn`, once
+    /// every event of the batch is known (a ready dial-in's end that came
+    /// in the same batch as a client is seen before the client is paired),
+    /// and in order of priority: listeners first.
+    fn on_event(&mut self, event: &Event, _now: Instant) {
+        let token = event.token();
+        if self.is_listener(token) {
+            self.want_accept(token);
+        } else if self.note(token, event) {
+            self.noted.push(token);
+        }
     }
 
+    /// The turn's work, most urgent first: accepting (dial-ins, then
+    /// clients, then apps: a busy turn must not leave connections waiting
+    /// in a full accept queue, and a dial-in completes a client already
+    /// admitted), then every socket an event or an earlier budget left
+    /// ready, then timers, control lines and the deferred closes.
     fn end_turn(&mut self, now: Instant) {
-        for token in std::mem::take(&mut self.requeued) {
-            self.dispatch(token, None, now);
+        self.accept_all(now);
+        let noted = std::mem::take(&mut self.noted);
+        let requeued = std::mem::take(&mut self.requeued);
+        for token in noted.into_iter().chain(requeued) {
+            self.serve(token, now);
         }
-        let mut due = self.gate.take_due(now);
-        // Dial listeners first: a dial-in completes a client already holding
-        // a descriptor, a new client only takes another.
-        due.sort_by_key(|&listener| !is_dial_listener(listener));
-        self.requeued.extend(due);
+        for listener in self.gate.take_due(now) {
+            self.want_accept(listener);
+        }
         self.expire(now);
         for app in std::mem::take(&mut self.unflushed) {
             self.serve_control(app, now);
@@ -154,6 +176,7 @@ impl Handler for Core {
         if self.reserve.is_none() {
             self.reserve = reserve();
         }
+        debug_assert_eq!(self.reserved, self.count_reservations());
         self.publish();
     }
 
@@ -171,6 +194,7 @@ impl Handler for Core {
 impl Core {
     /// A handler for a freshly bound registration listener.
     pub fn new(registry: Registry, config: Config, reg: TcpListener) -> io::Result<Core> {
+        let config_backlog = config.backlog;
         Ok(Core {
             registry,
             pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE).with_splice(config.splice),
@@ -190,6 +214,11 @@ impl Core {
             draining: None,
             reserve: reserve(),
             unflushed: Vec::new(),
+            noted: Vec::new(),
+            accepting: Vec::new(),
+            reserved: 0,
+            backlog: effective_backlog(config_backlog),
+            next_app_id: 0,
         })
     }
 
@@ -209,71 +238,92 @@ impl Core {
         }
     }
 
-    /// Routes readiness (an event, or `None` for requeued work) to the
-    /// handler for the entry's state. Tokens of vacant entries are stale and
-    /// ignored.
-    fn dispatch(&mut self, token: Token, event: Option<&Event>, now: Instant) {
+    /// Whether a token names a listener: the registration port, or an
+    /// app's relayed or dial-in port.
+    fn is_listener(&self, token: Token) -> bool {
         if token == REG_LISTENER {
-            return self.accept_from(REG_LISTENER, now);
+            return true;
         }
+        let (key, sub) = split(token);
+        matches!(
+            (self.conns.get(key), sub),
+            (
+                Some(Conn::Registering(_) | Conn::Registered(_)),
+                RELAYED | DIAL
+            )
+        )
+    }
+
+    /// Records an event in the entry its token names (invariant *Readiness
+    /// in software*); returns whether that entry has work to do now. Tokens
+    /// of vacant entries are stale and ignored.
+    fn note(&mut self, token: Token, event: &Event) -> bool {
+        let (key, sub) = split(token);
+        match (self.conns.get_mut(key), sub) {
+            (Some(Conn::Authenticating(applicant)), CONTROL) => applicant.control.note(event),
+            (Some(Conn::Registering(app) | Conn::Registered(app)), CONTROL) => {
+                app.control.note(event);
+            }
+            // A waiting client is not read (no peer yet); only an error matters.
+            (Some(Conn::AwaitingDialIn(waiting)), CLIENT) => {
+                waiting.client.note(event);
+                return event.is_error();
+            }
+            (Some(Conn::Presenting(_)), PRESENTING) => {}
+            // A ready dial-in: readable means data from the app, or its end.
+            (Some(Conn::Standby(spare)), DIAL_IN) => {
+                spare.rx.note(event);
+                return event.is_readable() || event.is_read_closed() || event.is_error();
+            }
+            (Some(Conn::Piping(piped)), CLIENT) => piped.pipe.a.note(event),
+            (Some(Conn::Piping(piped)), DIAL_IN) => piped.pipe.b.note(event),
+            _ => return false,
+        }
+        true
+    }
+
+    /// Does the work a ready socket (noted, or requeued after its budget)
+    /// calls for, by the state of its entry.
+    fn serve(&mut self, token: Token, now: Instant) {
         let (key, sub) = split(token);
         match (self.conns.get_mut(key), sub) {
             // An app answering the challenge: read its answer.
-            (Some(Conn::Authenticating(applicant)), CONTROL) => {
-                if let Some(event) = event {
-                    applicant.control.note(event);
-                }
-                self.serve_applicant(key, now);
-            }
+            (Some(Conn::Authenticating(_)), CONTROL) => self.serve_applicant(key, now),
             // A registered app's control connection: its requests, our lines.
-            (Some(Conn::Registering(app) | Conn::Registered(app)), CONTROL) => {
-                if let Some(event) = event {
-                    app.control.note(event);
-                }
+            (Some(Conn::Registering(_) | Conn::Registered(_)), CONTROL) => {
                 self.serve_control(key, now);
             }
-            // A client or a dial-in knocking on one of the app's listeners.
-            (Some(Conn::Registering(_) | Conn::Registered(_)), RELAYED | DIAL) => {
-                self.accept_from(token, now);
+            // A waiting client that reported an error: gone before its dial-in.
+            (Some(Conn::AwaitingDialIn(waiting)), CLIENT) if waiting.failed().is_some() => {
+                self.close(key, Ending::Gone);
             }
-            // A waiting client is not read (no peer yet); only a reset matters.
-            (Some(Conn::AwaitingDialIn(waiting)), _) => {
-                if let Some(event) = event {
-                    waiting.client.note(event);
-                    if event.is_error() && waiting.failed().is_some() {
-                        self.close(key, Ending::Gone);
-                    }
-                }
-            }
-            // A dial-in presenting its token.
-            (Some(Conn::Presenting(_)), 0) => self.read_token(key, now),
-            // A ready dial-in: readable means data from the app, or its death.
-            (Some(Conn::Standby(spare)), DIAL_IN)
-                if event.is_none_or(|e| e.is_readable() || e.is_read_closed() || e.is_error()) =>
-            {
-                if let Some(event) = event {
-                    spare.rx.note(event);
-                }
-                self.check_spare(key, now);
-            }
-            // A pipe: record readiness on the right side, then move bytes.
-            (Some(Conn::Piping(piped)), CLIENT | DIAL_IN) => {
-                if let Some(event) = event {
-                    let end = if sub == CLIENT {
-                        &mut piped.pipe.a
-                    } else {
-                        &mut piped.pipe.b
-                    };
-                    end.note(event);
-                }
-                self.pump(key, now);
-            }
+            (Some(Conn::Presenting(_)), PRESENTING) => self.read_token(key, now),
+            (Some(Conn::Standby(_)), DIAL_IN) => self.check_spare(key, now),
+            (Some(Conn::Piping(_)), CLIENT | DIAL_IN) => self.pump(key, now),
             _ => {}
         }
     }
 
+    /// Remembers a listener with connections to take, once.
+    fn want_accept(&mut self, listener: Token) {
+        if !self.accepting.contains(&listener) {
+            self.accepting.push(listener);
+        }
+    }
+
+    /// Accepts from every listener that has connections waiting: dial-in
+    /// listeners first, then relayed ports, then the registration port.
+    fn accept_all(&mut self, now: Instant) {
+        let mut listeners = std::mem::take(&mut self.accepting);
+        listeners.sort_by_key(|&listener| accept_rank(listener));
+        for listener in listeners {
+            self.accept_from(listener, now);
+        }
+    }
+
     /// Accepts from one listener until it is drained, the budget is spent
-    /// (then it is requeued) or descriptors run out (then the gate retries).
+    /// (then it waits for the next turn, first in line again) or
+    /// descriptors run out (then the gate retries it).
     fn accept_from(&mut self, listener: Token, now: Instant) {
         if !self.gate.is_open(now) {
             return self.gate.starve(listener);
@@ -297,7 +347,7 @@ impl Core {
                 Accepted::Exhausted(e) => return self.gate.exhausted(now, listener, &e),
             }
         }
-        self.requeued.push(listener);
+        self.want_accept(listener);
     }
 
     /// The listener behind a listener token, if it still exists.
@@ -313,17 +363,13 @@ impl Core {
         }
     }
 
-    /// Hands a new connection to the side it arrived on, unless the relay
-    /// already holds as many peer sockets as it may (then it is reset).
+    /// Hands a new connection to the side it arrived on; each side checks
+    /// the connection limit for what it will hold.
     fn on_accepted(&mut self, listener: Token, stream: TcpStream, peer: SocketAddr, now: Instant) {
-        let limit = self.config.max_connections;
-        if self.census.sockets >= limit {
-            self.full
-                .raise(|| format!("connection limit ({limit}) reached: new connections are reset"));
-            return reset_on_close(&stream);
-        }
-        self.full.clear();
         if listener == REG_LISTENER {
+            if !self.has_room(1) {
+                return reset_on_close(&stream);
+            }
             return self.admit_app(stream, peer, now);
         }
         match split(listener) {
@@ -331,6 +377,54 @@ impl Core {
             (app, DIAL) => self.admit_dial_in(app, stream, peer, now),
             _ => {}
         }
+    }
+
+    /// Peer sockets held plus dial-ins promised room: what the connection
+    /// limit is checked against. A client admitted to wait counts as the
+    /// two sockets it will hold (itself and its dial-in), and so does a
+    /// ready dial-in asked for, so a flood of clients up to the limit can
+    /// never leave an admitted client's dial-in without room.
+    pub fn committed(&self) -> usize {
+        self.census.sockets + self.reserved
+    }
+
+    /// Whether `needed` more sockets fit under the connection limit; logs
+    /// once per episode when they do not.
+    pub fn has_room(&mut self, needed: usize) -> bool {
+        let limit = self.config.max_connections;
+        if self.committed() + needed > limit {
+            self.full
+                .raise(|| format!("connection limit ({limit}) reached: new connections are reset"));
+            return false;
+        }
+        self.full.clear();
+        true
+    }
+
+    /// The sum [`Core::reserved`] must equal; checked after every turn in
+    /// debug builds, so no path can let the two drift apart unnoticed.
+    fn count_reservations(&self) -> usize {
+        self.conns
+            .iter()
+            .filter_map(|(_, conn)| match conn {
+                Conn::Registering(app) | Conn::Registered(app) => Some(app.reservations()),
+                _ => None,
+            })
+            .sum()
+    }
+
+    /// The app an `AppRef` names, if it is still there (and still that app).
+    pub fn app_mut(&mut self, app: AppRef) -> Option<&mut App> {
+        self.conns
+            .get_mut(app.key)
+            .and_then(Conn::app_mut)
+            .filter(|a| a.id == app.id)
+    }
+
+    /// A fresh app identity.
+    pub fn next_id(&mut self) -> u64 {
+        self.next_app_id += 1;
+        self.next_app_id
     }
 
     /// Inserts an entry built by `build`, which registers its sockets under
@@ -379,12 +473,20 @@ impl Core {
     /// Takes an entry's state out, leaving a placeholder to be reaped: for
     /// an entry whose socket moves into another entry.
     pub fn take(&mut self, key: usize) -> Option<Conn> {
+        let taken = self.take_state(key);
+        self.closing.push((key, Ending::Done));
+        taken
+    }
+
+    /// Takes an entry's state out, leaving a placeholder that the caller
+    /// replaces with a [`transition`](Self::transition) (the pieces of the
+    /// old state needed a `&mut self` to come apart).
+    pub fn take_state(&mut self, key: usize) -> Option<Conn> {
         let mut taken = None;
         self.transition(key, |conn| {
             taken = Some(conn);
             Conn::Closed
         });
-        self.closing.push((key, Ending::Done));
         taken
     }
 
@@ -410,24 +512,39 @@ impl Core {
     }
 
     /// Schedules an entry to close at the end of the turn. A waiting client
-    /// leaves its app's queue now, so no dial-in is paired with it meanwhile.
+    /// or a ready dial-in leaves its app's queue now, so nothing is paired
+    /// with it meanwhile.
     pub fn close(&mut self, key: usize, ending: Ending) {
         match self.conns.get(key) {
             Some(Conn::AwaitingDialIn(waiting)) => {
                 let app = waiting.app;
-                if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
-                    app.waiting.retain(|&k| k != key);
-                }
+                self.unqueue_waiting(app, key);
             }
             Some(Conn::Standby(spare)) => {
-                let app = spare.app;
-                if let Some(app) = self.conns.get_mut(app).and_then(Conn::app_mut) {
+                if let Some(app) = self.app_mut(spare.app) {
                     app.spares.retain(|&k| k != key);
                 }
             }
             _ => {}
         }
         self.closing.push((key, ending));
+    }
+
+    /// Takes a waiting client out of its app's queue; if its dial line was
+    /// not sent yet, the dial-in it was promised is not needed any more.
+    pub fn unqueue_waiting(&mut self, app: AppRef, key: usize) {
+        let Some(app) = self.app_mut(app) else {
+            return;
+        };
+        let Some(at) = app.waiting.iter().position(|&k| k == key) else {
+            return;
+        };
+        let unasked = at >= app.waiting.len() - app.unasked;
+        app.waiting.remove(at);
+        if unasked {
+            app.unasked -= 1;
+            self.reserved -= 1;
+        }
     }
 
     /// Removes the entries closed this turn and releases what they held.
@@ -446,10 +563,14 @@ impl Core {
                 }
                 Conn::Registering(app) | Conn::Registered(app) => self.retire_app(app, ending),
                 Conn::AwaitingDialIn(mut waiting) => {
+                    if let Some(replay) = waiting.replay.take() {
+                        self.pool.give(replay);
+                    }
                     reactor::forget(&self.registry, &mut waiting.client.stream);
                     log::debug!("client {} closed: {ending}", waiting.peer);
                 }
                 Conn::Presenting(mut presenter) => {
+                    self.presented(presenter.app);
                     reset_on_close(&presenter.stream);
                     reactor::forget(&self.registry, &mut presenter.stream);
                 }
@@ -469,6 +590,7 @@ impl Core {
         reactor::forget(&self.registry, &mut app.relayed);
         reactor::forget(&self.registry, &mut app.dial);
         self.held_ports.remove(&app.relayed_port);
+        self.reserved -= app.reservations();
         log::info!(
             "app {} gone ({ending}); relayed port {} closed, {} waiting clients closed",
             app.control.peer,
@@ -540,8 +662,51 @@ fn is_dial_listener(listener: Token) -> bool {
     listener != REG_LISTENER && split(listener).1 == DIAL
 }
 
+/// The order listeners are served in a turn: dial-ins complete clients
+/// already admitted, clients come before apps (which are few and patient).
+fn accept_rank(listener: Token) -> u8 {
+    match split(listener) {
+        _ if listener == REG_LISTENER => 2,
+        (_, DIAL) => 0,
+        _ => 1,
+    }
+}
+
+/// The backlog a listener gets when `asked` is requested: Linux silently
+/// caps it at `net.core.somaxconn`.
+pub(super) fn effective_backlog(asked: u32) -> usize {
+    let granted = crate::sockio::somaxconn().map_or(asked, |max| asked.min(max));
+    usize::try_from(granted.max(1)).unwrap_or(usize::MAX)
+}
+
 /// A descriptor to give up when accepting a dial-in fails for want of one
 /// (the classic reserve-descriptor trick): `/dev/null` costs nothing else.
 fn reserve() -> Option<File> {
     File::open("/dev/null").ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reactor::token;
+
+    #[test]
+    fn dial_in_listeners_are_served_first_and_the_registration_port_last() {
+        let mut listeners = vec![
+            REG_LISTENER,
+            token(3, RELAYED),
+            token(5, DIAL),
+            token(1, RELAYED),
+            token(2, DIAL),
+        ];
+        listeners.sort_by_key(|&listener| accept_rank(listener));
+        let expected = vec![
+            token(5, DIAL),
+            token(2, DIAL),
+            token(3, RELAYED),
+            token(1, RELAYED),
+            REG_LISTENER,
+        ];
+        assert_eq!(listeners, expected);
+    }
 }

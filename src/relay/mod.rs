@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 
 use mio::Interest;
-use mio::net::TcpListener;
 
 use self::core::{Core, REG_LISTENER};
 use crate::config::Config;
 use crate::reactor::{Reactor, Stopper};
+use crate::sockio::listen;
 
 /// What the relay holds right now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -94,11 +94,12 @@ impl Relay {
     pub fn bind(config: Config) -> io::Result<Relay> {
         let reactor = Reactor::new()?;
         let addr = SocketAddr::new(config.bind, config.reg_port);
-        let mut reg = TcpListener::bind(addr)
+        let mut reg = listen(addr, config.backlog)
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         reactor
             .registry()
             .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
+        warn_if_backlog_capped(config.backlog);
         let core = Core::new(reactor.registry().try_clone()?, config, reg)?;
         Ok(Relay { reactor, core })
     }
@@ -188,5 +189,17 @@ impl Drop for RunningRelay {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Says so at start when the kernel grants less backlog than asked: bursts
+/// larger than what it grants have connection attempts dropped (and
+/// retried by the peer seconds later).
+fn warn_if_backlog_capped(asked: u32) {
+    if let Some(max) = crate::sockio::somaxconn().filter(|&max| max < asked) {
+        log::warn!(
+            "listen backlog {asked} capped to {max} by net.core.somaxconn: bursts of more \
+             connections at once are slowed (raise it: sysctl -w net.core.somaxconn={asked})"
+        );
     }
 }
