@@ -70,6 +70,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         splice: false,
         reconnect: true,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
+        max_clients: None,
     }
 }
 

@@ -229,6 +229,7 @@ fn a_port_request_outside_the_range_is_refused() {
         ready: 0,
         splice: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
+        max_clients: None,
     })
     .expect("create the agent");
     match agent.register() {

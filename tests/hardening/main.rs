@@ -103,6 +103,7 @@ pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
         ready: 0,
         splice: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
+        max_clients: None,
     })
     .expect("create the agent")
 }
