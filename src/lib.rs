@@ -121,6 +121,7 @@ pub mod config;
 pub mod pipe;
 pub mod pool;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod reactor;
 pub mod relay;
 pub mod relayed;
