@@ -114,6 +114,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod buffer;
