@@ -126,6 +126,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod access;
 pub mod app;
 pub mod auth;
 pub mod buffer;
@@ -133,6 +134,7 @@ pub mod config;
 pub mod pipe;
 pub mod pool;
 pub mod protocol;
+pub mod proxy_protocol;
 pub mod reactor;
 pub mod relay;
 pub mod relayed;
