@@ -1,0 +1,11 @@
+//! Operational pieces around the relay: systemd notification, secrets from
+//! files, and the text of a small status endpoint (Prometheus metrics, JSON,
+//! one HTML page), each pure or self-contained so the reactor can serve it.
+//!
+//! * [`notify`]: `READY=1`, `STOPPING=1`, `WATCHDOG=1` and `STATUS=` to
+//!   systemd over `$NOTIFY_SOCKET`; nothing at all when it is unset.
+
+pub mod notify;
+
+#[cfg(test)]
+pub(crate) mod testdir;
