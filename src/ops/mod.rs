@@ -4,8 +4,11 @@
 //!
 //! * [`notify`]: `READY=1`, `STOPPING=1`, `WATCHDOG=1` and `STATUS=` to
 //!   systemd over `$NOTIFY_SOCKET`; nothing at all when it is unset.
+//! * [`secret`]: the shared secret from `--secret-file` or from a systemd
+//!   credential, so it appears in neither argv nor the environment.
 
 pub mod notify;
+pub mod secret;
 
 #[cfg(test)]
 pub(crate) mod testdir;
