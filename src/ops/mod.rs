@@ -6,7 +6,9 @@
 //!   systemd over `$NOTIFY_SOCKET`; nothing at all when it is unset.
 //! * [`secret`]: the shared secret from `--secret-file` or from a systemd
 //!   credential, so it appears in neither argv nor the environment.
+//! * [`json`]: JSON string escaping, a tiny writer, and RFC 3339 timestamps.
 
+pub mod json;
 pub mod notify;
 pub mod secret;
 
