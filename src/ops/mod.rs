@@ -6,10 +6,13 @@
 //!   systemd over `$NOTIFY_SOCKET`; nothing at all when it is unset.
 //! * [`secret`]: the shared secret from `--secret-file` or from a systemd
 //!   credential, so it appears in neither argv nor the environment.
+//! * [`prometheus`]: a writer for the Prometheus text format 0.0.4, a
+//!   fixed-bucket histogram, and the standard `process_*` metrics.
 //! * [`json`]: JSON string escaping, a tiny writer, and RFC 3339 timestamps.
 
 pub mod json;
 pub mod notify;
+pub mod prometheus;
 pub mod secret;
 
 #[cfg(test)]
