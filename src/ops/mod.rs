@@ -8,8 +8,11 @@
 //!   credential, so it appears in neither argv nor the environment.
 //! * [`prometheus`]: a writer for the Prometheus text format 0.0.4, a
 //!   fixed-bucket histogram, and the standard `process_*` metrics.
+//! * [`http`]: a bounded HTTP/1.1 request-head parser and response builder,
+//!   enough for a read-only status endpoint.
 //! * [`json`]: JSON string escaping, a tiny writer, and RFC 3339 timestamps.
 
+pub mod http;
 pub mod json;
 pub mod notify;
 pub mod prometheus;
