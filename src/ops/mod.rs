@@ -11,10 +11,12 @@
 //! * [`http`]: a bounded HTTP/1.1 request-head parser and response builder,
 //!   enough for a read-only status endpoint.
 //! * [`json`]: JSON string escaping, a tiny writer, and RFC 3339 timestamps.
+//! * [`page`]: one self-contained HTML page that polls `status` and renders it.
 
 pub mod http;
 pub mod json;
 pub mod notify;
+pub mod page;
 pub mod prometheus;
 pub mod secret;
 
