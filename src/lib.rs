@@ -131,6 +131,7 @@ pub mod app;
 pub mod auth;
 pub mod buffer;
 pub mod config;
+pub mod ops;
 pub mod pipe;
 pub mod pool;
 pub mod protocol;

@@ -2,13 +2,15 @@
 
 use std::io::Write;
 use std::net::{IpAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use log::LevelFilter;
 use tcp_relay::config::{parse_duration, parse_port_range};
-use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Secret, Service};
+use tcp_relay::ops::secret;
+use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Service};
 
 /// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
 #[derive(Parser)]
@@ -53,10 +55,12 @@ struct ServeArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     dial_in_timeout: Duration,
     /// Shared secret apps must prove they know (HMAC challenge); also makes
-    /// every dial-in present a one-time token. Prefer the environment
-    /// variable, which stays out of `ps`.
+    /// every dial-in present a one-time token. Prefer --secret-file or the
+    /// environment variable, which stay out of `ps`.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
+    #[command(flatten)]
+    secret_file: SecretFile,
     /// Relayed ports only from this range, e.g. 20000-20999 (default: above
     /// the registration port for increment, any for random).
     #[arg(long, value_parser = parse_port_range, value_name = "MIN-MAX")]
@@ -96,6 +100,16 @@ struct ServeArgs {
 /// The environment variable that may hold the secret.
 const SECRET_ENV: &str = "TCP_RELAY_SECRET";
 
+/// `--secret-file`, shared by every command that takes a secret.
+#[derive(Args)]
+struct SecretFile {
+    /// Read the secret from this file (one trailing newline is dropped), so
+    /// it appears in neither `ps` nor the environment. Without a secret, the
+    /// systemd credential `tcp-relay-secret` is used if there is one.
+    #[arg(long = "secret-file", value_name = "PATH", conflicts_with = "secret")]
+    path: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct EchoArgs {
     /// The relay's registration address.
@@ -104,6 +118,8 @@ struct EchoArgs {
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
+    #[command(flatten)]
+    secret_file: SecretFile,
 }
 
 #[derive(Args)]
@@ -140,6 +156,8 @@ struct ExposeArgs {
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
+    #[command(flatten)]
+    secret_file: SecretFile,
 }
 
 fn main() -> ExitCode {
@@ -178,7 +196,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         reg_port: args.reg_port,
         relay_style: args.relay_style,
         dial_in_timeout: args.dial_in_timeout,
-        secret: args.secret.map(|s| Secret(s.into_bytes())),
+        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
         port_range: args.port_range,
         max_apps: args.max_apps,
         max_waiting_per_app: args.max_waiting,
@@ -204,7 +222,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Echo,
         port: None,
-        secret: args.secret.map(|s| Secret(s.into_bytes())),
+        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
         ready: 0,
         splice: Config::default().splice,
         reconnect: false,
@@ -224,7 +242,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Forward(local),
         port: args.port,
-        secret: args.secret.map(|s| Secret(s.into_bytes())),
+        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
         ready: usize::from(args.ready),
         splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,
