@@ -141,7 +141,7 @@ pub mod relay;
 pub mod relayed;
 pub mod ring;
 pub mod sockio;
-pub mod state;
+pub(crate) mod table;
 
 pub use app::{Agent, AgentConfig, AgentError, EchoApp, RunningAgent, RunningEcho, Service};
 pub use config::{Config, RelayStyle, Secret};

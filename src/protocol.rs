@@ -106,9 +106,41 @@ pub fn port_request_line(port: u16) -> String {
     format!("port {port}\n")
 }
 
+/// Why the relay refused an app (TEMPORARY stand-in until the refusal
+/// codes land).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    SecretRefused,
+    TooManyApps,
+    NoRelayedPort(String),
+    BadPortRequest(String),
+    PortOutOfRange { port: u16, lo: u16, hi: u16 },
+    PortTaken(u16),
+    PortUnavailable(u16, String),
+    BadReadyRequest(String),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::SecretRefused => f.write_str("secret refused"),
+            Refusal::TooManyApps => f.write_str("too many apps"),
+            Refusal::NoRelayedPort(e) => write!(f, "no relayed port: {e}"),
+            Refusal::BadPortRequest(e) => write!(f, "bad port request: {e}"),
+            Refusal::PortOutOfRange { port, lo, hi } => {
+                write!(f, "port {port} is outside the relay's range {lo}-{hi}")
+            }
+            Refusal::PortTaken(port) => write!(f, "port {port} is taken"),
+            Refusal::PortUnavailable(port, e) => write!(f, "port {port} is unavailable: {e}"),
+            Refusal::BadReadyRequest(e) => write!(f, "bad ready request: {e}"),
+        }
+    }
+}
+
 /// The line refusing a request; `reason` is flattened to one line.
-pub fn error_line(reason: &str) -> String {
+pub fn error_line(reason: impl fmt::Display) -> String {
     let flat: String = reason
+        .to_string()
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();

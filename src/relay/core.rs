@@ -1,6 +1,7 @@
-//! The relay's handler: dispatch by state, accepting under limits and
-//! back-off, state transitions, timers, deferred close, and the drain on
-//! shutdown. What happens *inside* each state lives in `apps` and `clients`.
+//! The relay's loop handler: what one turn does (note events, accept,
+//! serve, expire, reap), dispatch by state, accepting under the connection
+//! limit, and the drain on shutdown. What happens inside each state lives
+//! in `apps` and `clients` (the card's path) and in the extensions' files.
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -12,86 +13,35 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Registry, Token};
-use slab::Slab;
 
 use super::Stats;
+use super::state::{
+    APPLICANTS, APPS, App, CLIENT, CONTROL, DIAL, Ending, PIPES, PRESENTING, RELAYED, RelayConn,
+    SPARES, WAITING,
+};
 use crate::config::Config;
 use crate::pool::BufferPool;
-use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler, Timers, split};
+use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler};
 use crate::sockio::reset_on_close;
-use crate::state::{App, AppRef, Conn, Ending, Piped};
+use crate::table::{Id, Table};
 
-/// The registration listener's token (fixed; connection tokens are slab keys).
+/// The registration listener's token (fixed; connection tokens name entries).
 pub(super) const REG_LISTENER: Token = reactor::MAIN;
-
-/// Sockets of an app entry, by sub-token (an authenticating app has only
-/// its control connection).
-pub(super) const CONTROL: usize = 0;
-pub(super) const RELAYED: usize = 1;
-pub(super) const DIAL: usize = 2;
-
-/// Sockets of a client entry, by sub-token. A presenting dial-in is an entry
-/// of its own, with its socket at sub-token 0; a ready dial-in is an entry
-/// of its own with its socket at `DIAL_IN`, so that a client can join it.
-pub(super) const CLIENT: usize = 0;
-pub(super) const DIAL_IN: usize = 1;
-/// A presenting dial-in is an entry of its own, its socket at sub-token 0.
-pub(super) const PRESENTING: usize = 0;
 
 /// Free rings the pool keeps for reuse: enough that busy pipes rarely
 /// allocate, small enough (16 × 64 KiB = 1 MiB) that a relay idle after a
 /// burst stays small (with 64 it sat at about 5.8 MiB RSS instead of 2.7).
 const POOL_MAX_IDLE: usize = 16;
 
-/// Counts of entries by state, kept as states change.
-#[derive(Default)]
-pub(super) struct Census {
-    pub apps: usize,       // Registering + Registered
-    pub applicants: usize, // Authenticating
-    pub presenting: usize, // Presenting
-    pub spares: usize,     // Standby
-    pub waiting: usize,    // AwaitingDialIn
-    pub pipes: usize,      // Piping
-    pub sockets: usize,    // peer sockets held, for the connection limit
-}
-
-impl Census {
-    fn count(&mut self, conn: &Conn) -> Option<&mut usize> {
-        match conn {
-            Conn::Registering(_) | Conn::Registered(_) => Some(&mut self.apps),
-            Conn::Authenticating(_) => Some(&mut self.applicants),
-            Conn::Presenting(_) => Some(&mut self.presenting),
-            Conn::Standby(_) => Some(&mut self.spares),
-            Conn::AwaitingDialIn(_) => Some(&mut self.waiting),
-            Conn::Piping(_) => Some(&mut self.pipes),
-            Conn::Closed => None,
-        }
-    }
-
-    pub fn entered(&mut self, conn: &Conn) {
-        self.sockets += conn.peer_sockets();
-        if let Some(n) = self.count(conn) {
-            *n += 1;
-        }
-    }
-
-    pub fn left(&mut self, conn: &Conn) {
-        self.sockets -= conn.peer_sockets();
-        if let Some(n) = self.count(conn) {
-            *n -= 1;
-        }
-    }
-}
-
 /// A condition logged once when it starts, not once per event.
 #[derive(Default)]
 pub(super) struct Alarm {
-    raised: bool,
+    raised: bool, // logged, and not over yet
 }
 
 impl Alarm {
     /// Logs `message` if the alarm was not already raised.
-    pub fn raise(&mut self, message: impl FnOnce() -> String) {
+    pub(super) fn raise(&mut self, message: impl FnOnce() -> String) {
         if !self.raised {
             log::warn!("{}", message());
             self.raised = true;
@@ -99,44 +49,38 @@ impl Alarm {
     }
 
     /// The condition is over; the next one is logged again.
-    pub fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.raised = false;
     }
 }
 
 /// The relay's state, driven by the reactor through [`Handler`].
-pub(super) struct Core {
-    pub registry: Registry,            // registers sockets accepted mid-turn
-    pub config: Config,                // what the user asked for
-    pub reg: Option<TcpListener>,      // the registration port (None once draining)
-    pub reg_addr: SocketAddr,          // its bound address
-    pub conns: Slab<Conn>,             // every app, client, dial-in and pipe
-    pub pool: BufferPool,              // rings lent to directions with bytes in flight
-    pub timers: Timers,                // deadlines: dial-in, authentication, token, idle
-    pub gate: AcceptGate,              // accept back-off when out of descriptors
-    pub requeued: Vec<Token>,          // sockets that used their budget with work left
-    pub closing: Vec<(usize, Ending)>, // entries to reap at the end of the turn
-    pub held_ports: BTreeSet<u16>,     // relayed ports apps hold now
-    pub census: Census,                // entries by state
-    pub published: Arc<Mutex<Stats>>,  // the census as of the last turn, for other threads
-    pub full: Alarm,                   // the connection limit is being hit
-    pub crowded: Alarm,                // the app limit is being hit
-    pub draining: Option<Instant>,     // shutting down: pipes may drain until then
-    pub reserve: Option<File>,         // a descriptor held back for a dial-in at EMFILE
-    pub unflushed: Vec<usize>,         // apps with dial lines queued this turn
-    pub noted: Vec<Token>,             // sockets an event of this turn made ready
-    pub accepting: Vec<Token>,         // listeners with connections to take
-    pub reserved: usize,               // dial-ins promised room (see `committed`)
-    pub backlog: usize,                // the listen backlog the kernel grants
-    pub next_app_id: u64,              // identity of the next app
+pub(super) struct RelayCore {
+    pub(super) table: Table<RelayConn>, // every app, client, dial-in and pipe
+    pub(super) config: Config,          // what the user asked for
+    pub(super) pool: BufferPool,        // buffers lent to directions with bytes in flight
+    pub(super) reg_addr: SocketAddr,    // the registration port's bound address
+    pub(super) held_ports: BTreeSet<u16>, // relayed ports apps hold now
+    pub(super) reserved: usize,         // dial-ins promised room (see `committed`)
+    pub(super) backlog: usize,          // the listen backlog the kernel grants
+    pub(super) crowded: Alarm,          // the app limit is being hit
+    pub(super) published: Arc<Mutex<Stats>>, // the counts as of the last turn
+    reg: Option<TcpListener>,           // the registration port (None once draining)
+    gate: AcceptGate,                   // accept back-off when out of descriptors
+    full: Alarm,                        // the connection limit is being hit
+    draining: Option<Instant>,          // shutting down: pipes may drain until then
+    reserve: Option<File>,              // a descriptor held back for a dial-in at EMFILE
+    unflushed: Vec<Id>,                 // apps with dial lines queued this turn
+    noted: Vec<Token>,                  // sockets an event of this turn made ready
+    accepting: Vec<Token>,              // listeners with connections to take
 }
 
-impl Handler for Core {
+impl Handler for RelayCore {
     fn poll_timeout(&self, now: Instant) -> Option<Duration> {
-        if !self.requeued.is_empty() || !self.accepting.is_empty() {
+        if self.table.has_requeued() || !self.accepting.is_empty() {
             return Some(Duration::ZERO);
         }
-        let deadline = reactor::earliest(self.timers.next(), self.gate.deadline());
+        let deadline = reactor::earliest(self.table.next_deadline(), self.gate.deadline());
         reactor::until(reactor::earliest(deadline, self.draining), now)
     }
 
@@ -161,8 +105,7 @@ impl Handler for Core {
     fn end_turn(&mut self, now: Instant) {
         self.accept_all(now);
         let noted = std::mem::take(&mut self.noted);
-        let requeued = std::mem::take(&mut self.requeued);
-        for token in noted.into_iter().chain(requeued) {
+        for token in noted.into_iter().chain(self.table.take_requeued()) {
             self.serve(token, now);
         }
         for listener in self.gate.take_due(now) {
@@ -191,47 +134,41 @@ impl Handler for Core {
     }
 }
 
-impl Core {
+impl RelayCore {
     /// A handler for a freshly bound registration listener.
-    pub fn new(registry: Registry, config: Config, reg: TcpListener) -> io::Result<Core> {
-        let config_backlog = config.backlog;
-        Ok(Core {
-            registry,
+    pub(super) fn new(registry: Registry, config: Config, reg: TcpListener) -> io::Result<Self> {
+        Ok(RelayCore {
+            table: Table::new(registry),
             pool: BufferPool::new(config.buffer_size, POOL_MAX_IDLE).with_splice(config.splice),
             reg_addr: reg.local_addr()?,
+            held_ports: BTreeSet::new(),
+            reserved: 0,
+            backlog: effective_backlog(config.backlog),
+            crowded: Alarm::default(),
+            published: Arc::default(),
             reg: Some(reg),
             config,
-            conns: Slab::new(),
-            timers: Timers::default(),
             gate: AcceptGate::default(),
-            requeued: Vec::new(),
-            closing: Vec::new(),
-            held_ports: BTreeSet::new(),
-            census: Census::default(),
-            published: Arc::default(),
             full: Alarm::default(),
-            crowded: Alarm::default(),
             draining: None,
             reserve: reserve(),
             unflushed: Vec::new(),
             noted: Vec::new(),
             accepting: Vec::new(),
-            reserved: 0,
-            backlog: effective_backlog(config_backlog),
-            next_app_id: 0,
         })
     }
 
-    /// Copies the census to where [`super::RelayHandle::stats`] reads it.
+    /// Copies the counts to where [`super::RelayHandle::stats`] reads them.
     fn publish(&self) {
+        let census = self.table.census();
         let stats = Stats {
-            apps: self.census.apps,
-            pending: self.census.applicants + self.census.presenting,
-            ready_dial_ins: self.census.spares,
-            waiting_clients: self.census.waiting,
-            pipes: self.census.pipes,
+            apps: census.count(APPS),
+            pending: census.count(APPLICANTS) + census.count(PRESENTING),
+            ready_dial_ins: census.count(SPARES),
+            waiting_clients: census.count(WAITING),
+            pipes: census.count(PIPES),
             buffers_lent: self.pool.lent(),
-            timers: self.timers.len(),
+            timers: self.table.timers(),
         };
         if let Ok(mut published) = self.published.lock() {
             *published = stats;
@@ -244,40 +181,39 @@ impl Core {
         if token == REG_LISTENER {
             return true;
         }
-        let (key, sub) = split(token);
-        matches!(
-            (self.conns.get(key), sub),
-            (
-                Some(Conn::Registering(_) | Conn::Registered(_)),
-                RELAYED | DIAL
-            )
-        )
+        let Some((id, sub)) = self.table.resolve(token) else {
+            return false;
+        };
+        matches!(self.table.get(id), Some(RelayConn::App(_))) && matches!(sub, RELAYED | DIAL)
     }
 
     /// Records an event in the entry its token names (invariant *Readiness
     /// in software*); returns whether that entry has work to do now. Tokens
-    /// of vacant entries are stale and ignored.
+    /// of entries gone are stale and resolve to nothing.
     fn note(&mut self, token: Token, event: &Event) -> bool {
-        let (key, sub) = split(token);
-        match (self.conns.get_mut(key), sub) {
-            (Some(Conn::Authenticating(applicant)), CONTROL) => applicant.control.note(event),
-            (Some(Conn::Registering(app) | Conn::Registered(app)), CONTROL) => {
-                app.control.note(event);
-            }
+        let Some((id, sub)) = self.table.resolve(token) else {
+            return false;
+        };
+        let Some(conn) = self.table.get_mut(id) else {
+            return false;
+        };
+        match conn {
+            RelayConn::App(app) => app.control.note(event),
             // A waiting client is not read (no peer yet); only an error matters.
-            (Some(Conn::AwaitingDialIn(waiting)), CLIENT) => {
+            RelayConn::AwaitingDialIn(waiting) => {
                 waiting.client.note(event);
                 return event.is_error();
             }
-            (Some(Conn::Presenting(_)), PRESENTING) => {}
+            RelayConn::Piping(piped) if sub == CLIENT => piped.pipe.a.note(event),
+            RelayConn::Piping(piped) => piped.pipe.b.note(event),
+            RelayConn::Authenticating(applicant) => applicant.control.note(event),
+            RelayConn::Presenting(_) => {}
             // A ready dial-in: readable means data from the app, or its end.
-            (Some(Conn::Standby(spare)), DIAL_IN) => {
+            RelayConn::Standby(spare) => {
                 spare.rx.note(event);
                 return event.is_readable() || event.is_read_closed() || event.is_error();
             }
-            (Some(Conn::Piping(piped)), CLIENT) => piped.pipe.a.note(event),
-            (Some(Conn::Piping(piped)), DIAL_IN) => piped.pipe.b.note(event),
-            _ => return false,
+            RelayConn::Vacant => return false,
         }
         true
     }
@@ -285,22 +221,46 @@ impl Core {
     /// Does the work a ready socket (noted, or requeued after its budget)
     /// calls for, by the state of its entry.
     fn serve(&mut self, token: Token, now: Instant) {
-        let (key, sub) = split(token);
-        match (self.conns.get_mut(key), sub) {
-            // An app answering the challenge: read its answer.
-            (Some(Conn::Authenticating(_)), CONTROL) => self.serve_applicant(key, now),
-            // A registered app's control connection: its requests, our lines.
-            (Some(Conn::Registering(_) | Conn::Registered(_)), CONTROL) => {
-                self.serve_control(key, now);
-            }
+        let Some((id, sub)) = self.table.resolve(token) else {
+            return;
+        };
+        let Some(conn) = self.table.get(id) else {
+            return;
+        };
+        match conn {
+            // Its requests, our lines (its listeners are accepted from first).
+            RelayConn::App(_) if sub == CONTROL => self.serve_control(id, now),
+            RelayConn::App(_) => self.want_accept(token),
             // A waiting client that reported an error: gone before its dial-in.
-            (Some(Conn::AwaitingDialIn(waiting)), CLIENT) if waiting.failed().is_some() => {
-                self.close(key, Ending::Gone);
+            RelayConn::AwaitingDialIn(waiting) if waiting.failed().is_some() => {
+                self.close(id, Ending::Gone);
             }
-            (Some(Conn::Presenting(_)), PRESENTING) => self.read_token(key, now),
-            (Some(Conn::Standby(_)), DIAL_IN) => self.check_spare(key, now),
-            (Some(Conn::Piping(_)), CLIENT | DIAL_IN) => self.pump(key, now),
-            _ => {}
+            RelayConn::AwaitingDialIn(_) => {}
+            RelayConn::Piping(_) => self.pump(id, now),
+            RelayConn::Authenticating(_) => self.serve_applicant(id, now),
+            RelayConn::Presenting(_) => self.read_token(id, now),
+            RelayConn::Standby(_) => self.check_spare(id, now),
+            RelayConn::Vacant => {}
+        }
+    }
+
+    /// Fires due timers. A timer belongs to the phase its entry is in (every
+    /// transition and every reap cancels it: invariant *A deadline belongs
+    /// to its phase*), so the phase says what the deadline meant.
+    fn expire(&mut self, now: Instant) {
+        while let Some(id) = self.table.pop_due(now) {
+            match self.table.get(id) {
+                Some(RelayConn::Piping(_)) => self.check_idle(id, now),
+                Some(RelayConn::App(_)) => self.app_due(id, now),
+                // A client without its dial-in, an app without its answer,
+                // a dial-in without its token.
+                Some(
+                    RelayConn::AwaitingDialIn(_)
+                    | RelayConn::Authenticating(_)
+                    | RelayConn::Presenting(_),
+                ) => self.close(id, Ending::TimedOut),
+                Some(RelayConn::Standby(_) | RelayConn::Vacant) | None => {} // never armed
+            }
         }
     }
 
@@ -315,7 +275,7 @@ impl Core {
     /// listeners first, then relayed ports, then the registration port.
     fn accept_all(&mut self, now: Instant) {
         let mut listeners = std::mem::take(&mut self.accepting);
-        listeners.sort_by_key(|&listener| accept_rank(listener));
+        listeners.sort_by_key(|&listener| accept_rank(&self.table, listener));
         for listener in listeners {
             self.accept_from(listener, now);
         }
@@ -343,7 +303,8 @@ impl Core {
                 // descriptor may be held by a waiting client: spend the
                 // reserve on the dial-in so that one of them completes.
                 Accepted::Exhausted(_)
-                    if is_dial_listener(listener) && self.reserve.take().is_some() => {}
+                    if accept_rank(&self.table, listener) == 0 && self.reserve.take().is_some() => {
+                }
                 Accepted::Exhausted(e) => return self.gate.exhausted(now, listener, &e),
             }
         }
@@ -355,10 +316,11 @@ impl Core {
         if listener == REG_LISTENER {
             return self.reg.as_ref();
         }
-        let (key, sub) = split(listener);
-        match (self.conns.get(key), sub) {
-            (Some(Conn::Registering(app) | Conn::Registered(app)), RELAYED) => Some(&app.relayed),
-            (Some(Conn::Registering(app) | Conn::Registered(app)), DIAL) => Some(&app.dial),
+        let (id, sub) = self.table.resolve(listener)?;
+        let app = self.table.get(id)?.app()?;
+        match sub {
+            RELAYED => Some(&app.relayed),
+            DIAL => Some(&app.dial),
             _ => None,
         }
     }
@@ -372,9 +334,9 @@ impl Core {
             }
             return self.admit_app(stream, peer, now);
         }
-        match split(listener) {
-            (app, RELAYED) => self.admit_client(app, stream, peer, now),
-            (app, DIAL) => self.admit_dial_in(app, stream, peer, now),
+        match self.table.resolve(listener) {
+            Some((app, RELAYED)) => self.admit_client(app, stream, peer, now),
+            Some((app, DIAL)) => self.admit_dial_in(app, stream, peer, now),
             _ => {}
         }
     }
@@ -382,15 +344,14 @@ impl Core {
     /// Peer sockets held plus dial-ins promised room: what the connection
     /// limit is checked against. A client admitted to wait counts as the
     /// two sockets it will hold (itself and its dial-in), and so does a
-    /// ready dial-in asked for, so a flood of clients up to the limit can
-    /// never leave an admitted client's dial-in without room.
-    pub fn committed(&self) -> usize {
-        self.census.sockets + self.reserved
+    /// ready dial-in asked for (invariant *Promised room is kept*).
+    pub(super) fn committed(&self) -> usize {
+        self.table.census().sockets() + self.reserved
     }
 
     /// Whether `needed` more sockets fit under the connection limit; logs
     /// once per episode when they do not.
-    pub fn has_room(&mut self, needed: usize) -> bool {
+    pub(super) fn has_room(&mut self, needed: usize) -> bool {
         let limit = self.config.max_connections;
         if self.committed() + needed > limit {
             self.full
@@ -401,194 +362,95 @@ impl Core {
         true
     }
 
-    /// The sum [`Core::reserved`] must equal; checked after every turn in
-    /// debug builds, so no path can let the two drift apart unnoticed.
+    /// The sum [`RelayCore::reserved`] must equal; checked after every turn
+    /// in debug builds, so no path can let the two drift apart unnoticed.
     fn count_reservations(&self) -> usize {
-        self.conns
+        self.table
             .iter()
-            .filter_map(|(_, conn)| match conn {
-                Conn::Registering(app) | Conn::Registered(app) => Some(app.reservations()),
-                _ => None,
-            })
+            .filter_map(|(_, conn)| conn.app().map(App::reservations))
             .sum()
     }
 
-    /// The app an `AppRef` names, if it is still there (and still that app).
-    pub fn app_mut(&mut self, app: AppRef) -> Option<&mut App> {
-        self.conns
-            .get_mut(app.key)
-            .and_then(Conn::app_mut)
-            .filter(|a| a.id == app.id)
+    /// The app `id` names, if it is still there.
+    pub(super) fn app_mut(&mut self, id: Id) -> Option<&mut App> {
+        self.table.get_mut(id).and_then(RelayConn::app_mut)
     }
 
-    /// A fresh app identity.
-    pub fn next_id(&mut self) -> u64 {
-        self.next_app_id += 1;
-        self.next_app_id
-    }
-
-    /// Inserts an entry built by `build`, which registers its sockets under
-    /// the entry's key first: tokens and keys cannot diverge (invariant
-    /// *Tokens are keys*).
-    pub fn insert(
-        &mut self,
-        build: impl FnOnce(usize, &Registry) -> io::Result<Conn>,
-    ) -> io::Result<usize> {
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        let conn = entry.insert(build(key, &self.registry)?);
-        self.census.entered(conn);
-        log::trace!("#{key}: => {}", conn.name());
-        Ok(key)
+    /// The app `id` names, if it is still there.
+    pub(super) fn app(&self, id: Id) -> Option<&App> {
+        self.table.get(id).and_then(RelayConn::app)
     }
 
     /// Writes an app's queued dial lines at the end of this turn rather than
     /// now: clients that arrive in one turn then cost their app one write
     /// (and it one read), not one each. Still within the turn, so no line
     /// waits for an event (the writable invariant).
-    pub fn flush_later(&mut self, app: usize) {
+    pub(super) fn flush_later(&mut self, app: Id) {
         if !self.unflushed.contains(&app) {
             self.unflushed.push(app);
-        }
-    }
-
-    /// Replaces an entry's state with `f(old)`, logging `A => B`. The one
-    /// place states change, so the census cannot drift.
-    pub fn transition(&mut self, key: usize, f: impl FnOnce(Conn) -> Conn) {
-        let Some(slot) = self.conns.get_mut(key) else {
-            return;
-        };
-        let old = std::mem::replace(slot, Conn::Closed);
-        // A deadline belongs to the phase that armed it (a dial-in timeout
-        // means nothing to the pipe the client becomes); a phase that needs
-        // one arms its own.
-        self.timers.cancel(key);
-        self.census.left(&old);
-        let from = old.name();
-        *slot = f(old);
-        self.census.entered(slot);
-        log::trace!("#{key}: {from} => {}", slot.name());
-    }
-
-    /// Takes an entry's state out, leaving a placeholder to be reaped: for
-    /// an entry whose socket moves into another entry.
-    pub fn take(&mut self, key: usize) -> Option<Conn> {
-        let taken = self.take_state(key);
-        self.closing.push((key, Ending::Done));
-        taken
-    }
-
-    /// Takes an entry's state out, leaving a placeholder that the caller
-    /// replaces with a [`transition`](Self::transition) (the pieces of the
-    /// old state needed a `&mut self` to come apart).
-    pub fn take_state(&mut self, key: usize) -> Option<Conn> {
-        let mut taken = None;
-        self.transition(key, |conn| {
-            taken = Some(conn);
-            Conn::Closed
-        });
-        taken
-    }
-
-    /// Fires due timers. A timer belongs to the phase its entry is in (every
-    /// transition and every reap cancels it: invariant *A deadline belongs
-    /// to its phase*), so the phase says what the deadline meant.
-    fn expire(&mut self, now: Instant) {
-        while let Some(key) = self.timers.pop_due(now) {
-            match self.conns.get(key) {
-                Some(Conn::Piping(_)) => self.check_idle(key, now),
-                Some(Conn::Registering(_) | Conn::Registered(_)) => self.app_due(key, now),
-                Some(Conn::Authenticating(a)) => {
-                    log::debug!("app {} did not authenticate in time", a.control.peer);
-                    self.close(key, Ending::TimedOut);
-                }
-                // A client without its dial-in, a dial-in without its token.
-                Some(Conn::AwaitingDialIn(_) | Conn::Presenting(_)) => {
-                    self.close(key, Ending::TimedOut);
-                }
-                Some(Conn::Standby(_) | Conn::Closed) | None => {} // never armed
-            }
         }
     }
 
     /// Schedules an entry to close at the end of the turn. A waiting client
     /// or a ready dial-in leaves its app's queue now, so nothing is paired
     /// with it meanwhile.
-    pub fn close(&mut self, key: usize, ending: Ending) {
-        match self.conns.get(key) {
-            Some(Conn::AwaitingDialIn(waiting)) => {
+    pub(super) fn close(&mut self, id: Id, ending: Ending) {
+        match self.table.get(id) {
+            Some(RelayConn::AwaitingDialIn(waiting)) => {
                 let app = waiting.app;
-                self.unqueue_waiting(app, key);
+                self.unqueue_waiting(app, id);
             }
-            Some(Conn::Standby(spare)) => {
-                if let Some(app) = self.app_mut(spare.app) {
-                    app.spares.retain(|&k| k != key);
+            Some(RelayConn::Standby(spare)) => {
+                let app = spare.app;
+                if let Some(app) = self.app_mut(app) {
+                    app.ready.spares.retain(|&k| k != id);
                 }
             }
             _ => {}
         }
-        self.closing.push((key, ending));
+        self.table.close(id, ending);
     }
 
     /// Takes a waiting client out of its app's queue; if its dial line was
     /// not sent yet, the dial-in it was promised is not needed any more.
-    pub fn unqueue_waiting(&mut self, app: AppRef, key: usize) {
-        let Some(app) = self.app_mut(app) else {
-            return;
-        };
-        let Some(at) = app.waiting.iter().position(|&k| k == key) else {
-            return;
-        };
-        let unasked = at >= app.waiting.len() - app.unasked;
-        app.waiting.remove(at);
-        if unasked {
-            app.unasked -= 1;
+    pub(super) fn unqueue_waiting(&mut self, app: Id, client: Id) {
+        if self.app_mut(app).and_then(|a| a.unqueue(client)) == Some(true) {
             self.reserved -= 1;
         }
     }
 
     /// Removes the entries closed this turn and releases what they held.
     fn reap(&mut self) {
-        while let Some((key, ending)) = self.closing.pop() {
-            // A key may be listed twice in one turn; the second finds it gone.
-            let Some(conn) = self.conns.try_remove(key) else {
-                continue;
-            };
-            self.timers.cancel(key);
-            self.census.left(&conn);
-            log::trace!("#{key}: {} => closed", conn.name());
+        while let Some((_, conn, ending)) = self.table.pop_closed() {
             match conn {
-                Conn::Authenticating(mut applicant) => {
-                    reactor::forget(&self.registry, &mut applicant.control.stream);
-                }
-                Conn::Registering(app) | Conn::Registered(app) => self.retire_app(app, ending),
-                Conn::AwaitingDialIn(mut waiting) => {
+                RelayConn::App(app) => self.retire_app(app, ending),
+                RelayConn::AwaitingDialIn(mut waiting) => {
                     if let Some(replay) = waiting.replay.take() {
                         self.pool.give(replay);
                     }
-                    reactor::forget(&self.registry, &mut waiting.client.stream);
+                    reactor::forget(self.table.registry(), &mut waiting.client.stream);
                     log::debug!("client {} closed: {ending}", waiting.peer);
                 }
-                Conn::Presenting(mut presenter) => {
-                    self.presented(presenter.app);
-                    reset_on_close(&presenter.stream);
-                    reactor::forget(&self.registry, &mut presenter.stream);
+                RelayConn::Piping(piped) => self.retire_pipe(piped.pipe, ending),
+                RelayConn::Authenticating(mut applicant) => {
+                    reactor::forget(self.table.registry(), &mut applicant.control.stream);
                 }
-                Conn::Standby(mut spare) => {
-                    reactor::forget(&self.registry, &mut spare.stream);
+                RelayConn::Presenting(presenter) => self.retire_presenter(presenter),
+                RelayConn::Standby(mut spare) => {
+                    reactor::forget(self.table.registry(), &mut spare.stream);
                 }
-                Conn::Piping(piped) => self.retire_pipe(piped, ending),
-                Conn::Closed => {}
+                RelayConn::Vacant => {}
             }
         }
     }
 
     /// Closes an app's listeners at once (its port can be registered again)
-    /// and its waiting clients; its established pipes run on.
+    /// and its waiting clients and ready dial-ins; its pipes run on.
     fn retire_app(&mut self, mut app: App, ending: Ending) {
-        reactor::forget(&self.registry, &mut app.control.stream);
-        reactor::forget(&self.registry, &mut app.relayed);
-        reactor::forget(&self.registry, &mut app.dial);
+        let registry = self.table.registry();
+        reactor::forget(registry, &mut app.control.stream);
+        reactor::forget(registry, &mut app.relayed);
+        reactor::forget(registry, &mut app.dial);
         self.held_ports.remove(&app.relayed_port);
         self.reserved -= app.reservations();
         log::info!(
@@ -597,20 +459,20 @@ impl Core {
             app.relayed_port,
             app.waiting.len()
         );
-        for key in app.waiting.drain(..).chain(app.spares.drain(..)) {
-            self.closing.push((key, Ending::AppGone));
+        for id in app.waiting.drain(..).chain(app.ready.spares.drain(..)) {
+            self.table.close(id, Ending::AppGone);
         }
     }
 
-    fn retire_pipe(&mut self, mut piped: Piped, ending: Ending) {
-        let pipe = &mut piped.pipe;
+    /// Closes a pipe's sockets: with RST both ways after a reset or error.
+    fn retire_pipe(&mut self, mut pipe: crate::pipe::Pipe, ending: Ending) {
         if ending.is_abort() {
             pipe.abort(&mut self.pool);
         } else {
             pipe.release(&mut self.pool);
         }
-        reactor::forget(&self.registry, &mut pipe.a.stream);
-        reactor::forget(&self.registry, &mut pipe.b.stream);
+        reactor::forget(self.table.registry(), &mut pipe.a.stream);
+        reactor::forget(self.table.registry(), &mut pipe.b.stream);
         match ending {
             Ending::Failed(e) => log::debug!("pipe closed on error: {e}"),
             ending => log::debug!("pipe closed: {ending}"),
@@ -624,50 +486,49 @@ impl Core {
         let grace = self.config.grace;
         self.draining = Some(now + grace);
         if let Some(mut reg) = self.reg.take() {
-            reactor::forget(&self.registry, &mut reg);
+            reactor::forget(self.table.registry(), &mut reg);
         }
-        let apps: Vec<usize> = self
-            .conns
+        let closing: Vec<Id> = self
+            .table
             .iter()
-            .filter(|(_, c)| !matches!(c, Conn::Piping(_) | Conn::Closed))
-            .map(|(key, _)| key)
+            .filter(|(_, conn)| !matches!(conn, RelayConn::Piping(_) | RelayConn::Vacant))
+            .map(|(id, _)| id)
             .collect();
-        for key in apps {
-            self.close(key, Ending::Shutdown);
+        for id in closing {
+            self.close(id, Ending::Shutdown);
         }
         log::info!(
             "shutting down: ports closed, {} pipes may drain for up to {grace:?}",
-            self.census.pipes
+            self.table.census().count(PIPES)
         );
     }
 
     /// Whether a drain is over: every pipe done, or the grace period spent.
-    pub fn drained(&self) -> bool {
+    pub(super) fn drained(&self) -> bool {
         let Some(deadline) = self.draining else {
             return false;
         };
-        if self.census.pipes == 0 {
+        let pipes = self.table.census().count(PIPES);
+        if pipes == 0 {
             return true;
         }
         if Instant::now() >= deadline {
-            log::info!("grace period over: closing {} pipes", self.census.pipes);
+            log::info!("grace period over: closing {pipes} pipes");
             return true;
         }
         false
     }
 }
 
-/// Whether a listener token names an app's dial-in listener.
-fn is_dial_listener(listener: Token) -> bool {
-    listener != REG_LISTENER && split(listener).1 == DIAL
-}
-
 /// The order listeners are served in a turn: dial-ins complete clients
-/// already admitted, clients come before apps (which are few and patient).
-fn accept_rank(listener: Token) -> u8 {
-    match split(listener) {
-        _ if listener == REG_LISTENER => 2,
-        (_, DIAL) => 0,
+/// already admitted (0), clients come next (1), apps last (2: they are few
+/// and patient).
+fn accept_rank(table: &Table<RelayConn>, listener: Token) -> u8 {
+    if listener == REG_LISTENER {
+        return 2;
+    }
+    match table.resolve(listener) {
+        Some((_, DIAL)) => 0,
         _ => 1,
     }
 }
@@ -683,30 +544,4 @@ pub(super) fn effective_backlog(asked: u32) -> usize {
 /// (the classic reserve-descriptor trick): `/dev/null` costs nothing else.
 fn reserve() -> Option<File> {
     File::open("/dev/null").ok()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::reactor::token;
-
-    #[test]
-    fn dial_in_listeners_are_served_first_and_the_registration_port_last() {
-        let mut listeners = vec![
-            REG_LISTENER,
-            token(3, RELAYED),
-            token(5, DIAL),
-            token(1, RELAYED),
-            token(2, DIAL),
-        ];
-        listeners.sort_by_key(|&listener| accept_rank(listener));
-        let expected = vec![
-            token(5, DIAL),
-            token(2, DIAL),
-            token(3, RELAYED),
-            token(1, RELAYED),
-            REG_LISTENER,
-        ];
-        assert_eq!(listeners, expected);
-    }
 }

@@ -1,16 +1,26 @@
 //! The relay: its public face ([`Relay`], [`RelayHandle`], [`Stats`]) and
-//! the handler the reactor drives, split by concern:
+//! the handler the reactor drives. Read in this order for the card's path
+//! (one client, from accept to piped bytes):
 //!
-//! * `core`: the handler itself: dispatch by state, accepting, transitions,
-//!   timers, deferred close and reaping, draining on shutdown;
-//! * `apps`: the app side: authentication, registration, relayed ports,
-//!   `port` requests;
-//! * `clients`: the client side: admitting clients, dial-ins and their
-//!   tokens, pairing, and pumping pipes.
+//! * `core`: one turn of the loop (note, accept, serve, expire, reap),
+//!   dispatch by state, the connection limit, shutdown;
+//! * `apps`: an app registers, gets its ports, its control connection;
+//! * `clients`: a client waits, its app is asked to dial in, the dial-in
+//!   is paired with it, the pipe is pumped;
+//! * `state`: the entries and the data each phase owns.
+//!
+//! The extensions each live in a file of their own, so removing one is
+//! deleting that file and the few match arms that name its states:
+//! `auth` (the secret: challenge and dial-in tokens), `ready` (ready
+//! dial-ins), `port` (a relayed port asked for).
 
 mod apps;
+mod auth;
 mod clients;
 mod core;
+mod port;
+mod ready;
+mod state;
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,7 +29,7 @@ use std::thread;
 
 use mio::Interest;
 
-use self::core::{Core, REG_LISTENER};
+use self::core::{REG_LISTENER, RelayCore};
 use crate::config::Config;
 use crate::reactor::{Reactor, Stopper};
 use crate::sockio::listen;
@@ -86,7 +96,7 @@ impl RelayHandle {
 /// A bound relay, ready to [`run`](Relay::run).
 pub struct Relay {
     reactor: Reactor, // the poll this relay runs on
-    core: Core,       // everything the handler owns
+    core: RelayCore,  // everything the handler owns
 }
 
 impl Relay {
@@ -100,7 +110,7 @@ impl Relay {
             .registry()
             .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
         warn_if_backlog_capped(config.backlog);
-        let core = Core::new(reactor.registry().try_clone()?, config, reg)?;
+        let core = RelayCore::new(reactor.registry().try_clone()?, config, reg)?;
         Ok(Relay { reactor, core })
     }
 

@@ -1,0 +1,435 @@
+//! The relay's entries: what each connection is, by phase, and the data
+//! each phase owns. The card's path comes first (an app, a client waiting
+//! for its dial-in, a pipe); the extensions' states (`auth`, `ready`) hold
+//! data defined in their own modules.
+//!
+//! ```text
+//!  app connects ──► App ── EOF, reset, bad line, refused request ──► closed
+//!                   (its listeners and waiting clients close with it)
+//!
+//!  client connects ──► AwaitingDialIn ──(dial-in paired)──► Piping ──► closed
+//!                           ▲    └── dial-in timeout / app gone ──► closed
+//!                           └── (ready) its ready dial-in lost on trial ─┘
+//! ```
+//!
+//! With a secret (`auth`): `Authenticating ─(right answer)─► App`, and a
+//! dial-in is `Presenting` its token until it joins its client's entry.
+//! With ready dial-ins (`ready`): a dial-in waits in `Standby` until a
+//! client joins its entry (`Standby ─► Piping`).
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::event::Event;
+use mio::net::{TcpListener, TcpStream};
+
+use super::auth::{Applicant, Presenter};
+use super::ready::{ReadyPool, Spare};
+use crate::auth::DialToken;
+use crate::buffer::Buffer;
+use crate::pipe::{Endpoint, Flow, Pipe};
+use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
+use crate::sockio::{Io, read_slice, write_slice};
+use crate::table::{Id, State};
+
+/// Most control bytes queued toward one app. A dial line is at most 40
+/// bytes (with a token), so this holds hundreds of requests; an app that
+/// reads none of them has its new clients refused rather than growing this
+/// without bound.
+pub(super) const OUTBOX_MAX: usize = 16 * 1024;
+
+/// Control reads per event before yielding to other sockets.
+const CONTROL_READ_BUDGET: usize = 8;
+
+/// One entry of the relay's table.
+pub(super) enum RelayConn {
+    /// An app: its control connection and the two listeners opened for it.
+    App(App),
+    /// A client accepted on a relayed port, waiting for its app's dial-in.
+    /// Its bytes wait in the kernel: nothing is read until there is a peer.
+    AwaitingDialIn(Waiting),
+    /// A client and its dial-in, piped both ways.
+    Piping(Piped),
+    /// (`auth`) An app that must answer the challenge before it gets a port.
+    Authenticating(Applicant),
+    /// (`auth`) A dial-in that must present its client's token first.
+    Presenting(Presenter),
+    /// (`ready`) A dial-in kept ready for the next client.
+    Standby(Spare),
+    /// Placeholder for the instant of a transition; never seen by a handler.
+    Vacant,
+}
+
+/// Census buckets, by state.
+pub(super) const APPS: usize = 0;
+pub(super) const WAITING: usize = 1;
+pub(super) const PIPES: usize = 2;
+pub(super) const APPLICANTS: usize = 3;
+pub(super) const PRESENTING: usize = 4;
+pub(super) const SPARES: usize = 5;
+
+impl State for RelayConn {
+    type Ending = Ending;
+    const KINDS: usize = 6;
+
+    fn placeholder() -> Self {
+        RelayConn::Vacant
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            RelayConn::App(_) => "App",
+            RelayConn::AwaitingDialIn(_) => "AwaitingDialIn",
+            RelayConn::Piping(_) => "Piping",
+            RelayConn::Authenticating(_) => "Authenticating",
+            RelayConn::Presenting(_) => "Presenting",
+            RelayConn::Standby(_) => "Standby",
+            RelayConn::Vacant => "Vacant",
+        }
+    }
+
+    fn kind(&self) -> Option<usize> {
+        match self {
+            RelayConn::App(_) => Some(APPS),
+            RelayConn::AwaitingDialIn(_) => Some(WAITING),
+            RelayConn::Piping(_) => Some(PIPES),
+            RelayConn::Authenticating(_) => Some(APPLICANTS),
+            RelayConn::Presenting(_) => Some(PRESENTING),
+            RelayConn::Standby(_) => Some(SPARES),
+            RelayConn::Vacant => None,
+        }
+    }
+
+    /// Peer sockets, for the connection limit (listeners not counted).
+    fn sockets(&self) -> usize {
+        match self {
+            RelayConn::Piping(_) => 2,
+            RelayConn::Vacant => 0,
+            RelayConn::App(_)
+            | RelayConn::AwaitingDialIn(_)
+            | RelayConn::Authenticating(_)
+            | RelayConn::Presenting(_)
+            | RelayConn::Standby(_) => 1,
+        }
+    }
+}
+
+impl RelayConn {
+    /// The app, if this entry is one.
+    pub(super) fn app(&self) -> Option<&App> {
+        match self {
+            RelayConn::App(app) => Some(app),
+            _ => None,
+        }
+    }
+
+    /// The app, if this entry is one.
+    pub(super) fn app_mut(&mut self) -> Option<&mut App> {
+        match self {
+            RelayConn::App(app) => Some(app),
+            _ => None,
+        }
+    }
+}
+
+/// Sockets of an app entry, by sub-token (an authenticating app has only
+/// its control connection, under the same sub-token).
+pub(super) const CONTROL: usize = 0;
+pub(super) const RELAYED: usize = 1;
+pub(super) const DIAL: usize = 2;
+
+/// Sockets of a client entry, by sub-token. A ready dial-in's entry holds
+/// its socket at `DIAL_IN` too, so that a client can join it.
+pub(super) const CLIENT: usize = 0;
+pub(super) const DIAL_IN: usize = 1;
+
+/// A presenting dial-in is an entry of its own, its socket alone.
+pub(super) const PRESENTER: usize = 0;
+
+/// An app's control connection: software readiness, line framing and a
+/// bounded outbox. Shared by the authenticating and registered phases.
+pub(super) struct ControlConn {
+    pub(super) stream: TcpStream, // the connection the app registered on
+    pub(super) peer: SocketAddr,  // where it came from
+    readable: bool,               // read half ready (software readiness)
+    writable: bool,               // write half ready
+    lines: LineReader,            // frames what the app sends
+    outbox: Vec<u8>,              // bytes not yet written, at most OUTBOX_MAX
+}
+
+impl ControlConn {
+    /// A fresh control connection; both halves start out ready.
+    pub(super) fn new(stream: TcpStream, peer: SocketAddr, max_line: usize) -> Self {
+        ControlConn {
+            stream,
+            peer,
+            readable: true,
+            writable: true,
+            lines: LineReader::with_limit(max_line),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Records a control-connection event.
+    pub(super) fn note(&mut self, event: &Event) {
+        self.readable |= event.is_readable() || event.is_read_closed() || event.is_error();
+        self.writable |= event.is_writable() || event.is_write_closed() || event.is_error();
+    }
+
+    /// Whether one more line of `len` bytes fits in the outbox.
+    pub(super) fn has_room(&self, len: usize) -> bool {
+        self.outbox.len() + len <= OUTBOX_MAX
+    }
+
+    /// Queues a control line; the caller flushes (the writable invariant).
+    pub(super) fn queue(&mut self, line: &str) {
+        self.outbox.extend_from_slice(line.as_bytes());
+    }
+
+    /// Writes queued bytes until done or the socket is full.
+    pub(super) fn flush(&mut self) -> Result<(), Ending> {
+        while self.writable && !self.outbox.is_empty() {
+            match write_slice(&self.stream, &self.outbox) {
+                Io::Moved(n) => {
+                    self.outbox.drain(..n);
+                }
+                Io::WouldBlock => self.writable = false,
+                Io::Eof | Io::Reset => return Err(Ending::Gone),
+                Io::Failed(e) => return Err(Ending::Failed(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every queued byte has been written.
+    pub(super) fn flushed(&self) -> bool {
+        self.outbox.is_empty()
+    }
+
+    /// Reads what the app sent, handing each complete line to `on_line`.
+    /// A line past the length bound ends the app; so do EOF and reset.
+    pub(super) fn read_lines(&mut self, mut on_line: impl FnMut(&str)) -> Result<Flow, Ending> {
+        let mut buf = [0u8; 512];
+        for _ in 0..CONTROL_READ_BUDGET {
+            if !self.readable {
+                return Ok(Flow::Idle);
+            }
+            match read_slice(&self.stream, &mut buf) {
+                Io::Moved(n) => self
+                    .lines
+                    .feed(&buf[..n], &mut on_line)
+                    .map_err(Ending::Protocol)?,
+                Io::WouldBlock => self.readable = false,
+                Io::Eof | Io::Reset => return Err(Ending::Gone),
+                Io::Failed(e) => return Err(Ending::Failed(e)),
+            }
+        }
+        Ok(if self.readable {
+            Flow::More
+        } else {
+            Flow::Idle
+        })
+    }
+}
+
+/// A registered app: its control connection and the two listeners opened
+/// for it. They live and die together (invariant *An app owns its ports*).
+pub(super) struct App {
+    pub(super) control: ControlConn,    // the connection it registered on
+    pub(super) relayed: TcpListener,    // the public port clients connect to
+    pub(super) relayed_port: u16,       // its number, announced in the established line
+    pub(super) dial: TcpListener,       // where the app dials in, one connection per client
+    pub(super) dial_port: u16,          // its number, sent in every dial line
+    pub(super) waiting: VecDeque<Id>,   // clients awaiting a dial-in, oldest first
+    pub(super) unasked: usize,          // the newest of them, not asked for yet (pacing)
+    pub(super) asks: VecDeque<Instant>, // deadlines of dial lines sent for clients, oldest first
+    pub(super) refusing: bool,          // clients are being refused (logged once per episode)
+    pub(super) requests: Requests,      // what the app asked for, not yet acted on
+    pub(super) presenting: usize,       // (auth) its dial-ins presenting their token
+    pub(super) ready: ReadyPool,        // (ready) its ready dial-ins
+}
+
+impl App {
+    /// A new app on its freshly opened listeners.
+    pub(super) fn new(
+        control: ControlConn,
+        (relayed, dial): (TcpListener, TcpListener),
+        (relayed_port, dial_port): (u16, u16),
+    ) -> Self {
+        App {
+            control,
+            relayed,
+            relayed_port,
+            dial,
+            dial_port,
+            waiting: VecDeque::new(),
+            unasked: 0,
+            asks: VecDeque::new(),
+            refusing: false,
+            requests: Requests::default(),
+            presenting: 0,
+            ready: ReadyPool::default(),
+        }
+    }
+
+    /// When the app's timer should fire: the deadline of the oldest dial
+    /// line still unanswered, or the ready pool's next deadline.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        crate::reactor::earliest(self.asks.front().copied(), self.ready.next_deadline())
+    }
+
+    /// Dial lines sent and not answered by a dial-in yet: at most what the
+    /// dial-in listener's backlog holds (invariant *A dial-in is never
+    /// dropped*).
+    pub(super) fn asks_out(&self) -> usize {
+        self.asks.len() + self.ready.asks.len()
+    }
+
+    /// Dial-ins this app has been promised room for: those asked for and
+    /// those of waiting clients still to be asked (invariant *Promised room
+    /// is kept*).
+    pub(super) fn reservations(&self) -> usize {
+        self.asks_out() + self.unasked
+    }
+
+    /// Takes one waiting client out of the queue; returns whether its dial
+    /// line had not been sent yet (then its promised dial-in is not needed).
+    pub(super) fn unqueue(&mut self, client: Id) -> Option<bool> {
+        let at = self.waiting.iter().position(|&k| k == client)?;
+        let unasked = at >= self.waiting.len() - self.unasked;
+        self.waiting.remove(at);
+        if unasked {
+            self.unasked -= 1;
+        }
+        Some(unasked)
+    }
+
+    /// Reads what the app sent into `requests`.
+    pub(super) fn read_control(&mut self) -> Result<Flow, Ending> {
+        let (peer, requests) = (self.control.peer, &mut self.requests);
+        self.control.read_lines(|line| requests.take(line, peer))
+    }
+}
+
+/// Requests an app made and the relay has not acted on yet. The original
+/// protocol has no app-to-relay lines; the extensions are `port` and
+/// `ready`. Other lines are counted and ignored (the first is logged).
+#[derive(Default)]
+pub(super) struct Requests {
+    pub(super) port: Option<Result<u16, ProtocolError>>, // `port N` (the last one wins)
+    pub(super) ready: Option<Result<usize, ProtocolError>>, // `ready N` (the last one wins)
+    ignored: u64,                                        // lines this relay does not know
+}
+
+impl Requests {
+    /// Takes one line from the app.
+    pub(super) fn take(&mut self, line: &str, peer: SocketAddr) {
+        match parse_app_line(line) {
+            Ok(AppLine::Port(port)) => self.port = Some(Ok(port)),
+            Ok(AppLine::Ready(n)) => self.ready = Some(Ok(n)),
+            Err(e) if line.starts_with("port ") => self.port = Some(Err(e)),
+            Err(e) if line.starts_with("ready ") => self.ready = Some(Err(e)),
+            Ok(AppLine::Auth(_) | AppLine::Other) | Err(_) => {
+                if self.ignored == 0 {
+                    log::info!(
+                        "app {peer} sent {line:.64?}; ignored (not a line this relay knows)"
+                    );
+                }
+                self.ignored += 1;
+            }
+        }
+    }
+}
+
+/// A client accepted on a relayed port, waiting for its app's dial-in.
+pub(super) struct Waiting {
+    pub(super) client: Endpoint,         // its socket; not read until paired
+    pub(super) peer: SocketAddr,         // for logs
+    pub(super) app: Id,                  // its app
+    pub(super) token: Option<DialToken>, // what its dial-in must present (with a secret)
+    pub(super) replay: Option<Buffer>,   // (ready) bytes it sent to a dial-in lost on trial
+}
+
+impl Waiting {
+    /// A socket error while waiting (e.g. the client reset): the client is
+    /// gone and must not be paired.
+    pub(super) fn failed(&self) -> Option<io::Error> {
+        self.client.stream.take_error().unwrap_or_else(Some)
+    }
+}
+
+/// A client and its dial-in, piped; with what the idle timer needs.
+pub(super) struct Piped {
+    pub(super) pipe: Pipe,          // the sockets and their directions
+    pub(super) peer: SocketAddr,    // the client's address, for logs
+    pub(super) trial: Option<Id>,   // (ready) the app whose ready dial-in it got, while on trial
+    pub(super) last_moved: Instant, // when bytes last moved (either way)
+    pub(super) moved: u64,          // bytes moved so far, to notice movement
+    pub(super) timer_armed: bool,   // the half-close idle timer is pending
+}
+
+impl Piped {
+    /// A new pipe, nothing moved yet.
+    pub(super) fn new(pipe: Pipe, peer: SocketAddr, trial: Option<Id>, now: Instant) -> Self {
+        Piped {
+            pipe,
+            peer,
+            trial,
+            last_moved: now,
+            moved: 0,
+            timer_armed: false,
+        }
+    }
+}
+
+/// Why an entry closes; decides log level and FIN versus RST.
+#[derive(Debug)]
+pub(super) enum Ending {
+    /// Both ways finished in order.
+    Done,
+    /// The peer closed or reset.
+    Gone,
+    /// A pipe's peer reset: the other side gets a reset too.
+    Reset,
+    /// A socket error other than a reset.
+    Failed(io::Error),
+    /// The peer broke the line protocol.
+    Protocol(ProtocolError),
+    /// Its deadline passed (dial-in, authentication, token, idle half-close).
+    TimedOut,
+    /// The client's app closed before a dial-in came.
+    AppGone,
+    /// The app's request or credentials were refused (it was told why).
+    Refused,
+    /// The relay is shutting down.
+    Shutdown,
+}
+
+impl Ending {
+    /// Whether the other side of a pair must see a reset, not an orderly end.
+    pub(super) fn is_abort(&self) -> bool {
+        matches!(
+            self,
+            Ending::Reset | Ending::Failed(_) | Ending::TimedOut | Ending::Shutdown
+        )
+    }
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Done => f.write_str("finished"),
+            Ending::Gone => f.write_str("closed by peer"),
+            Ending::Reset => f.write_str("reset by peer"),
+            Ending::Failed(e) => write!(f, "error: {e}"),
+            Ending::Protocol(e) => write!(f, "protocol error: {e}"),
+            Ending::TimedOut => f.write_str("timed out"),
+            Ending::AppGone => f.write_str("its app went away"),
+            Ending::Refused => f.write_str("refused"),
+            Ending::Shutdown => f.write_str("relay shutting down"),
+        }
+    }
+}
