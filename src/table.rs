@@ -52,7 +52,8 @@ impl Id {
         Token((self.generation << (KEY_BITS + SUB_BITS)) | (self.key << SUB_BITS) | sub)
     }
 
-    /// The slab key, for ordering and logs (`#key`).
+    /// The slab key.
+    #[cfg(test)]
     pub(crate) fn key(self) -> usize {
         self.key
     }
@@ -320,6 +321,7 @@ impl<S: State> Table<S> {
     }
 
     /// Entries held.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.slab.len()
     }

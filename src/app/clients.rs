@@ -1,78 +1,98 @@
-//! The client side of the agent: for each dial line, connecting the dial-in
-//! (presenting its token) and the local service under one deadline, then
-//! serving the client by piping or echoing.
+//! The client side of the agent: for each dial line (at most
+//! `max_clients` served at once, the rest waiting in order), connecting the
+//! dial-in (presenting its token) and the local service under one deadline,
+//! then serving the client by piping or echoing.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use mio::Interest;
 use mio::event::Event;
 use mio::net::TcpStream;
-use mio::{Interest, Registry};
 
+use super::Service;
+use super::core::AgentCore;
+use super::state::{AgentConn, DIAL_IN, DialLine, Dialing, Ending, LOCAL, timed_out};
 use crate::auth::DialToken;
 use crate::pipe::{Echo, Endpoint, Pipe, RxState};
 use crate::protocol::token_line;
-use crate::reactor::token;
 use crate::sockio::{Io, write_slice};
-
-use super::Service;
-use super::control::Control;
-use super::core::{Conn, Core, DIAL_IN, LOCAL, connect_result};
+use crate::table::Id;
 
 /// Most dial lines kept waiting for room under `max_clients`. Beyond it a
 /// line is dropped: its client is closed by the relay's dial-in timeout, as
 /// it would be anyway after waiting behind this many.
 const MAX_QUEUED: usize = 16 * 1024;
 
-impl Core {
-    /// A dial line from the relay: served now if fewer than `max_clients`
-    /// clients are, else queued behind those already waiting.
-    pub(super) fn want_dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
-        if self.conns.len() < self.max_clients && self.queued.is_empty() {
-            return self.dial(port, token, now);
+/// Where a client's connects stand after one of them reported.
+enum Connects {
+    Pending,                // not all done yet
+    Ready,                  // all done: serve the client
+    LocalFailed(io::Error), // the local service failed (the dial-in goes on, to be reset)
+    Failed(String),         // the dial-in failed, or the client is done for
+}
+
+impl AgentCore {
+    /// A dial line from registration `link`: served now if fewer than
+    /// `max_clients` clients are, else queued behind those already waiting.
+    pub(super) fn want_dial(
+        &mut self,
+        link: Id,
+        port: u16,
+        token: Option<DialToken>,
+        now: Instant,
+    ) {
+        let Some(AgentConn::Registering(_, conn) | AgentConn::Registered(_, conn)) =
+            self.table.get(link)
+        else {
+            return;
+        };
+        let line = DialLine {
+            link,
+            addr: SocketAddr::new(conn.relay().ip(), port),
+            token,
+        };
+        if self.clients() < self.max_clients && self.queued.is_empty() {
+            return self.dial(line, now);
         }
         if !self.crowded {
             log::warn!(
                 "{} clients in service (--max-clients): further dial requests wait",
-                self.conns.len()
+                self.clients()
             );
             self.crowded = true;
         }
         if self.queued.len() >= MAX_QUEUED {
             return log::debug!("dial request dropped: {MAX_QUEUED} already wait");
         }
-        self.queued.push_back((port, token));
+        self.queued.push_back(line);
     }
 
     /// Serves queued dial lines, oldest first, while there is room.
     pub(super) fn dial_queued(&mut self, now: Instant) {
-        while self.conns.len() < self.max_clients {
-            let Some((port, token)) = self.queued.pop_front() else {
+        while self.clients() < self.max_clients {
+            let Some(line) = self.queued.pop_front() else {
                 if self.crowded {
                     log::info!("no dial request waits any more");
                     self.crowded = false;
                 }
                 return;
             };
-            self.dial(port, token, now);
+            self.dial(line, now);
         }
     }
 
     /// Starts the connects for one client: the dial-in and, when forwarding,
-    /// the local service, both non-blocking.
-    fn dial(&mut self, port: u16, token: Option<DialToken>, now: Instant) {
-        let (Control::Ready(link, _) | Control::Registering(link, _)) = &self.control else {
-            return;
-        };
-        let addr = SocketAddr::new(link.relay.ip(), port);
-        let dial_in = match TcpStream::connect(addr) {
+    /// the local service, both non-blocking, under the connect deadline.
+    fn dial(&mut self, line: DialLine, now: Instant) {
+        let dial_in = match TcpStream::connect(line.addr) {
             Ok(stream) => stream,
-            Err(e) => return log::warn!("dial-in to {addr} failed: {e}"),
+            Err(e) => return log::warn!("dial-in to {} failed: {e}", line.addr),
         };
-        let (local, refused) = match &self.config.service {
+        let (local, refused) = match self.config.service {
             Service::Echo => (None, false),
-            Service::Forward(local) => match TcpStream::connect(*local) {
+            Service::Forward(local) => match TcpStream::connect(local) {
                 Ok(stream) => (Some(stream), false),
                 Err(e) => {
                     self.note_local(Some(&e));
@@ -80,152 +100,99 @@ impl Core {
                 }
             },
         };
-        let entry = self.conns.vacant_entry();
-        let key = entry.key();
-        let mut conn = Conn::Dialing {
+        let dialing = Dialing {
             dial_in,
             local,
             connected: [false, false],
             rx: [RxState::default(); 2],
-            token,
+            token: line.token,
             refused,
         };
-        if let Err(e) = register_dialing(&self.registry, &mut conn, key) {
-            return log::warn!("dial-in to {addr} dropped: {e}");
+        match self
+            .table
+            .insert(|id, registry| register_dialing(registry, dialing, id))
+        {
+            Ok(id) => self.table.arm(id, now + self.config.connect_timeout),
+            Err(e) => log::warn!("dial-in to {} dropped: {e}", line.addr),
         }
-        entry.insert(conn);
-        let deadline = now + self.config.connect_timeout;
-        self.timers.add(deadline, key);
     }
 
     /// A client's connects did not all finish in time: close them with a
     /// reset (a dial-in the relay already paired resets its client) rather
-    /// than leave the client hanging. (The timer is cancelled when the
-    /// entry is served or closed, so only a Dialing entry can see it fire.)
-    pub(super) fn connect_timed_out(&mut self, key: usize) {
+    /// than leave the client hanging.
+    pub(super) fn connect_timed_out(&mut self, id: Id) {
         // A connect that completed while this turn was busy has its event
         // in the next poll, not taken yet: ask the sockets before giving up.
         for sub in [DIAL_IN, LOCAL] {
-            self.finish_connect(key, sub, None);
+            self.finish_connect(id, sub, None);
         }
-        let Some(Conn::Dialing {
-            local, connected, ..
-        }) = self.conns.get(key)
-        else {
+        let Some(AgentConn::Dialing(dialing)) = self.table.get(id) else {
             return;
         };
         let timeout = self.config.connect_timeout;
-        if local.is_some() && !connected[LOCAL] {
-            let e = io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect timed out after {timeout:?}"),
-            );
-            self.note_local(Some(&e));
+        if dialing.local.is_some() && !dialing.connected[LOCAL] {
+            self.note_local(Some(&timed_out(timeout)));
         } else {
             log::debug!("dial-in connect timed out after {timeout:?}");
         }
-        self.closing.push((key, true));
+        self.table.close(id, Ending::Abort);
     }
 
     /// One of a client's connects finished (or failed); once all have, the
-    /// client is served.
-    pub(super) fn finish_connect(&mut self, key: usize, sub: usize, event: Option<&Event>) {
-        let Some(Conn::Dialing {
-            dial_in,
-            local,
-            connected,
-            rx,
-            token,
-            refused,
-            ..
-        }) = self.conns.get_mut(key)
-        else {
+    /// client is served (Dialing => Piping or Echoing).
+    pub(super) fn finish_connect(&mut self, id: Id, sub: usize, event: Option<&Event>) {
+        let Some(AgentConn::Dialing(dialing)) = self.table.get_mut(id) else {
             return;
         };
-        let stream = match (sub, local.as_ref()) {
-            (DIAL_IN, _) => &*dial_in,
-            (LOCAL, Some(local)) => local,
-            _ => return,
-        };
-        // Bytes may come with the connect (a server-first service): noted
-        // here, they spare the first pump a read that finds nothing.
-        if let Some(event) = event {
-            rx[sub].note(event);
-        }
-        if connected[sub] && !event.is_some_and(Event::is_error) {
-            return; // news for a side already connected, kept in `rx`
-        }
-        match connect_result(stream, event) {
-            Ok(true) if sub == DIAL_IN && !present(dial_in, token.take()) => {
-                log::debug!("dial-in lost before its token was sent");
-                return self.closing.push((key, true));
-            }
-            Ok(true) => {
-                // Outgoing sockets inherit nothing: small messages must not
-                // wait for Nagle here either.
-                let _ = stream.set_nodelay(true);
-                connected[sub] = true;
-            }
-            Ok(false) => return,
-            Err(e) if sub == LOCAL => {
-                *refused = true;
-                let dial_in_up = connected[DIAL_IN];
-                self.note_local(Some(&e));
-                if dial_in_up {
-                    self.closing.push((key, true));
+        let forwarding = dialing.local.is_some();
+        match dialing.advance(sub, event) {
+            Connects::Pending => {}
+            Connects::Ready => {
+                if forwarding {
+                    self.note_local(None);
                 }
-                return;
+                self.start_serving(id);
+                self.pump(id);
             }
-            Err(e) => {
-                log::debug!("dial-in failed: {e}");
-                return self.closing.push((key, true));
+            Connects::LocalFailed(e) => self.note_local(Some(&e)),
+            Connects::Failed(why) => {
+                log::debug!("{why}");
+                self.table.close(id, Ending::Abort);
             }
         }
         // The local service failed: the dial-in still goes through (with
         // its token) and is then reset, so the relay learns at once: its
         // client gets a reset instead of waiting out the dial-in timeout,
         // and a ready dial-in counts as dead instead of as never coming.
-        if *refused {
-            if connected[DIAL_IN] {
-                self.closing.push((key, true));
-            }
-            return;
+        if let Some(AgentConn::Dialing(dialing)) = self.table.get(id)
+            && dialing.refused
+            && dialing.connected[DIAL_IN]
+        {
+            self.table.close(id, Ending::Abort);
         }
-        let forwarding = local.is_some();
-        if !(connected[DIAL_IN] && (connected[LOCAL] || !forwarding)) {
-            return;
-        }
-        if forwarding {
-            self.note_local(None);
-        }
-        self.start_serving(key);
-        self.pump(key);
     }
 
-    /// Dialing => Echoing or Piping.
-    fn start_serving(&mut self, key: usize) {
-        self.timers.cancel(key); // connected in time
-        let Some(slot) = self.conns.get_mut(key) else {
-            return;
-        };
-        *slot = match std::mem::replace(slot, Conn::Closed) {
-            Conn::Dialing {
+    /// Dialing => Echoing or Piping: the connect deadline is met (the
+    /// transition cancels it).
+    fn start_serving(&mut self, id: Id) {
+        self.table.transition(id, |conn| match conn {
+            AgentConn::Dialing(Dialing {
                 dial_in,
                 local: None,
                 rx,
                 ..
-            } => Conn::Echoing(Echo::new(Endpoint::new(dial_in, rx[DIAL_IN]))),
-            Conn::Dialing {
+            }) => AgentConn::Echoing(Echo::new(Endpoint::new(dial_in, rx[DIAL_IN]))),
+            AgentConn::Dialing(Dialing {
                 dial_in,
                 local: Some(local),
                 rx,
                 ..
-            } => Conn::Piping(Pipe::new(
+            }) => AgentConn::Piping(Pipe::new(
                 Endpoint::new(dial_in, rx[DIAL_IN]),
                 Endpoint::new(local, rx[LOCAL]),
             )),
             other => other,
-        };
+        });
     }
 
     /// Logs the local service going down (once) and coming back (once),
@@ -250,6 +217,66 @@ impl Core {
     }
 }
 
+impl Dialing {
+    /// Takes what an event (or, with none, the socket itself) says about
+    /// one of the connects, and says where the client stands.
+    fn advance(&mut self, sub: usize, event: Option<&Event>) -> Connects {
+        if self.socket(sub).is_none() {
+            return Connects::Pending;
+        }
+        // Bytes may come with the connect (a server-first service): noted
+        // here, they spare the first pump a read that finds nothing.
+        if let Some(event) = event {
+            self.rx[sub].note(event);
+        }
+        if self.connected[sub] && !event.is_some_and(Event::is_error) {
+            return Connects::Pending; // news for a side already connected, kept in `rx`
+        }
+        let Some(stream) = self.socket(sub) else {
+            return Connects::Pending;
+        };
+        match connect_result(stream, event) {
+            Ok(true) => self.connected_now(sub),
+            Ok(false) => Connects::Pending,
+            Err(e) if sub == LOCAL => {
+                self.refused = true;
+                Connects::LocalFailed(e)
+            }
+            Err(e) => Connects::Failed(format!("dial-in failed: {e}")),
+        }
+    }
+
+    /// One connect completed: the dial-in presents its token first.
+    fn connected_now(&mut self, sub: usize) -> Connects {
+        if sub == DIAL_IN && !present(&self.dial_in, self.token.take()) {
+            return Connects::Failed("dial-in lost before its token was sent".into());
+        }
+        // Outgoing sockets inherit nothing: small messages must not wait
+        // for Nagle here either.
+        if let Some(stream) = self.socket(sub) {
+            let _ = stream.set_nodelay(true);
+        }
+        self.connected[sub] = true;
+        let all = self.connected[DIAL_IN] && (self.connected[LOCAL] || self.local.is_none());
+        if all && !self.refused {
+            Connects::Ready
+        } else {
+            Connects::Pending
+        }
+    }
+}
+
+impl Dialing {
+    /// The socket behind sub-token `sub`, if the client has it.
+    fn socket(&self, sub: usize) -> Option<&TcpStream> {
+        match sub {
+            DIAL_IN => Some(&self.dial_in),
+            LOCAL => self.local.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// Sends a dial-in's token line, if it has one (33 bytes on a fresh
 /// connection: all or nothing). Returns whether the dial-in can be used.
 fn present(dial_in: &TcpStream, token: Option<DialToken>) -> bool {
@@ -260,15 +287,39 @@ fn present(dial_in: &TcpStream, token: Option<DialToken>) -> bool {
     matches!(write_slice(dial_in, line.as_bytes()), Io::Moved(n) if n == line.len())
 }
 
-/// Registers a client's connecting sockets under its key.
-fn register_dialing(registry: &Registry, conn: &mut Conn, key: usize) -> io::Result<()> {
-    let Conn::Dialing { dial_in, local, .. } = conn else {
-        return Ok(());
-    };
+/// Registers a client's connecting sockets under its entry.
+fn register_dialing(
+    registry: &mio::Registry,
+    mut dialing: Dialing,
+    id: Id,
+) -> io::Result<AgentConn> {
     let interest = Interest::READABLE | Interest::WRITABLE;
-    registry.register(dial_in, token(key, DIAL_IN), interest)?;
-    if let Some(local) = local {
-        registry.register(local, token(key, LOCAL), interest)?;
+    registry.register(&mut dialing.dial_in, id.token(DIAL_IN), interest)?;
+    if let Some(local) = &mut dialing.local {
+        registry.register(local, id.token(LOCAL), interest)?;
     }
-    Ok(())
+    Ok(AgentConn::Dialing(dialing))
+}
+
+/// Whether a non-blocking connect has completed: `Ok(true)` connected,
+/// `Ok(false)` still under way, `Err` failed (mio's documented recipe:
+/// `take_error`, then `peer_addr`).
+///
+/// A plain writable event (no error, no hang-up) on a connecting socket is
+/// the kernel saying the handshake finished (a failed connect reports
+/// EPOLLERR with it), so it needs neither `getsockopt(SO_ERROR)` nor
+/// `getpeername` to confirm: four syscalls per client saved, on the agent's
+/// busiest path (connection churn).
+pub(super) fn connect_result(stream: &TcpStream, event: Option<&Event>) -> io::Result<bool> {
+    if event.is_some_and(|e| e.is_writable() && !e.is_error() && !e.is_write_closed()) {
+        return Ok(true);
+    }
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    match stream.peer_addr() {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(e),
+    }
 }

@@ -3,30 +3,24 @@
 //! ([`Service::Echo`], the sample app) or by piping it to a local TCP service
 //! ([`Service::Forward`], `tcp-relay expose`).
 //!
-//! It runs on the same [`Reactor`] and the same [`Direction`](crate::pipe)
-//! code as the relay: one thread, no thread per client, bounded rings,
-//! half-close carried. The control connection has its own small state
-//! machine, so that losing the relay never stalls the pipes already running:
-//!
-//! ```text
-//!  Waiting ──(time to connect)──► Connecting ──(connected)──► Registering
-//!     ▲                                │                          │
-//!     │                                │ failed            established (and the
-//!     │                                ▼                   answer to `port N`)
-//!     └──── back-off with jitter ◄── lost ◄────────────────── Ready
-//!                  (or give up: --no-reconnect, or a refused request)
-//! ```
+//! It runs on the same [`Reactor`], the same entry table and the same
+//! [`Direction`](crate::pipe) code as the relay: one thread, no thread per
+//! client, bounded rings, half-close carried. Its registration is an entry
+//! of its own with its own phases (see `state`), so losing the relay never
+//! stalls the clients already served.
 //!
 //! The handler is split by concern:
 //!
-//! * `core`: what the handler owns, dispatch by token and state, pumping,
+//! * `core`: what the handler owns, dispatch by state, timers, pumping,
 //!   deferred close;
-//! * `control`: the control connection's state machine above;
-//! * `clients`: each client's connects (under one deadline) and serving it.
+//! * `control`: a registration's control connection, by phase;
+//! * `clients`: each client's connects (under one deadline) and serving it;
+//! * `state`: the entries and the data each phase owns.
 
 mod clients;
 mod control;
 mod core;
+mod state;
 
 use std::fmt;
 use std::io;
@@ -39,7 +33,7 @@ use std::time::Duration;
 use crate::config::Secret;
 use crate::reactor::{Reactor, Stopper};
 
-use self::core::Core;
+use self::core::AgentCore;
 
 /// What the agent does with each client's stream.
 #[derive(Debug, Clone)]
@@ -137,14 +131,14 @@ impl From<AgentError> for io::Error {
 /// [`run`](Agent::run).
 pub struct Agent {
     reactor: Reactor, // the poll this agent runs on
-    core: Core,       // everything the handler owns
+    core: AgentCore,  // everything the handler owns
 }
 
 impl Agent {
     /// An agent that will connect to `config.relay` on its first turn.
     pub fn new(config: AgentConfig) -> io::Result<Agent> {
         let reactor = Reactor::new()?;
-        let core = Core::new(config, reactor.registry().try_clone()?);
+        let core = AgentCore::new(config, reactor.registry().try_clone()?);
         Ok(Agent { reactor, core })
     }
 
