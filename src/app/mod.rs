@@ -21,6 +21,8 @@ mod clients;
 mod control;
 mod core;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::io;

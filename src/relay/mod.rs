@@ -21,6 +21,8 @@ mod core;
 mod port;
 mod ready;
 mod state;
+#[cfg(test)]
+mod tests;
 
 use std::io;
 use std::net::SocketAddr;
