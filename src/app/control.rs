@@ -171,8 +171,8 @@ impl Core {
                     self.greet(None, now);
                     self.established(port);
                 }
-                Ok(RelayLine::Error(reason)) if is_final(&reason) => {
-                    return self.give_up(AgentError::Refused(reason));
+                Ok(RelayLine::Error(reason)) if reason.is_final() => {
+                    return self.give_up(AgentError::Refused(reason.to_string()));
                 }
                 // A passing refusal (the relay is full, out of ports): try again later.
                 Ok(RelayLine::Error(reason)) => {
@@ -284,13 +284,6 @@ impl Core {
         // is not used, so that a failure is not mistaken for a stop request.
         self.failure = Some(failure);
     }
-}
-
-/// Whether a refusal from the relay stands however often we ask: a wrong
-/// secret, or a refused request of ours (`port`, `ready`). Others (too many
-/// apps, no free relayed port) may pass, so a reconnecting agent retries.
-fn is_final(reason: &str) -> bool {
-    reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ")
 }
 
 /// The delay before reconnect attempt `attempt` (0-based): exponential,
