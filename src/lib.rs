@@ -130,6 +130,7 @@ pub mod access;
 pub mod app;
 pub mod auth;
 pub mod buffer;
+pub mod client;
 pub mod config;
 pub mod ops;
 pub mod pipe;

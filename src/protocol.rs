@@ -17,6 +17,8 @@
 //! answered by the relay with either a fresh
 //! `established relay address port:<PORT>\n` (the old port is closed) or
 //! `error <REASON>\n`, after which the relay closes the control connection.
+//! Every reason the relay sends has a code ([`Refusal`]); an app decides by
+//! the code, never by the text.
 //! The relay ignores app lines it does not know, as the original did.
 //!
 //! With a shared secret (`serve --secret`), the relay speaks first with a
@@ -106,39 +108,10 @@ pub fn port_request_line(port: u16) -> String {
     format!("port {port}\n")
 }
 
-/// Why the relay refused an app (TEMPORARY stand-in until the refusal
-/// codes land).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    SecretRefused,
-    TooManyApps,
-    NoRelayedPort(String),
-    BadPortRequest(String),
-    PortOutOfRange { port: u16, lo: u16, hi: u16 },
-    PortTaken(u16),
-    PortUnavailable(u16, String),
-    BadReadyRequest(String),
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal::SecretRefused => f.write_str("secret refused"),
-            Refusal::TooManyApps => f.write_str("too many apps"),
-            Refusal::NoRelayedPort(e) => write!(f, "no relayed port: {e}"),
-            Refusal::BadPortRequest(e) => write!(f, "bad port request: {e}"),
-            Refusal::PortOutOfRange { port, lo, hi } => {
-                write!(f, "port {port} is outside the relay's range {lo}-{hi}")
-            }
-            Refusal::PortTaken(port) => write!(f, "port {port} is taken"),
-            Refusal::PortUnavailable(port, e) => write!(f, "port {port} is unavailable: {e}"),
-            Refusal::BadReadyRequest(e) => write!(f, "bad ready request: {e}"),
-        }
-    }
-}
-
-/// The line refusing a request; `reason` is flattened to one line.
-pub fn error_line(reason: impl fmt::Display) -> String {
+/// The line refusing an app: `error <REASON>`, the reason flattened to one
+/// line. Every refusal the relay sends has a code ([`Refusal`]), whose text
+/// an app parses back to the same code.
+pub fn error_line(reason: &Refusal) -> String {
     let flat: String = reason
         .to_string()
         .chars()
@@ -219,14 +192,17 @@ pub enum RelayLine {
     Dial(u16, Option<DialToken>),
     /// `challenge <HEX>`: prove you know the secret.
     Challenge(Vec<u8>),
-    /// `error <REASON>`: a request was refused.
-    Error(String),
+    /// `error <REASON>`: the app or a request of its was refused.
+    Error(Refusal),
 }
 
-/// Parses a relay's line (without `\n`).
+/// Parses a relay's line (without `\n`). An error line always parses: a
+/// reason this side does not know is kept as [`Refusal::Other`]. Its text is
+/// kept whole (a detail may be long, e.g. an OS error): the line it came in
+/// is already bounded by its [`LineReader`].
 pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
     if let Some(reason) = line.strip_prefix(ERROR_PREFIX) {
-        return Ok(RelayLine::Error(truncated(reason)));
+        return Ok(RelayLine::Error(Refusal::parse(reason)));
     }
     if line.starts_with(ESTABLISHED_PREFIX) {
         return parse_established(line).map(RelayLine::Established);
@@ -243,6 +219,149 @@ pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
             Ok(RelayLine::Dial(parse_dial(port)?, Some(token)))
         }
         None => Ok(RelayLine::Dial(parse_dial(line)?, None)),
+    }
+}
+
+/// Why the relay refused an app: the reason of an `error <REASON>` line.
+///
+/// The relay writes a refusal with `Display`, which gives exactly the wire
+/// text (the relay's own words since the `port` extension: an app of any
+/// version reads the same line); an app reads it back with
+/// [`Refusal::parse`], so it decides by code, never by matching text.
+/// `parse(&r.to_string()) == r` for every refusal but `Other`, and
+/// `parse(s).to_string() == s` for every text.
+///
+/// Adding a reason takes one block here: the variant, its text in `fmt`, its
+/// rule in `parse_known` (the round-trip tests list every variant), and
+/// whether it is final in `is_final`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `secret refused`: the answer to the challenge was wrong.
+    SecretRefused,
+    /// `too many apps`: the relay holds all the apps it may.
+    TooManyApps,
+    /// `no relayed port: <DETAIL>`: the relay could not open a port for us.
+    NoRelayedPort(String),
+    /// `bad port request: <DETAIL>`: our `port` line named no port.
+    BadPortRequest(String),
+    /// `port <PORT> is outside the relay's range <LO>-<HI>` (`--port-range`).
+    PortOutsideRange {
+        port: u16, // the port asked for
+        lo: u16,   // the relay's lowest relayed port
+        hi: u16,   // and its highest
+    },
+    /// `port <PORT> is taken`: another app holds it, or it is the
+    /// registration port.
+    PortTaken(u16),
+    /// `port <PORT> is unavailable: <DETAIL>`: binding it failed.
+    PortUnavailable(u16, String),
+    /// `bad ready request: <DETAIL>`: our `ready` line was not a count.
+    BadReadyRequest(String),
+    /// A reason this side does not know (a newer relay's), verbatim.
+    Other(String),
+}
+
+/// The texts of the refusals, shared by `fmt` and `parse_known` so the two
+/// cannot drift apart.
+const SECRET_REFUSED: &str = "secret refused";
+const TOO_MANY_APPS: &str = "too many apps";
+const NO_RELAYED_PORT: &str = "no relayed port: ";
+const BAD_PORT_REQUEST: &str = "bad port request: ";
+const BAD_READY_REQUEST: &str = "bad ready request: ";
+const PORT_WORD: &str = "port ";
+const IS_TAKEN: &str = "is taken";
+const IS_UNAVAILABLE: &str = "is unavailable: ";
+const IS_OUTSIDE_RANGE: &str = "is outside the relay's range ";
+
+impl Refusal {
+    /// The refusal `reason` (the text after `error `) stands for.
+    pub fn parse(reason: &str) -> Refusal {
+        Refusal::parse_known(reason).unwrap_or_else(|| Refusal::Other(reason.to_owned()))
+    }
+
+    /// Whether asking again cannot help: a wrong secret, or a refused
+    /// request of ours (`port`, `ready`), stands however often we ask. The
+    /// relay being full or out of ports may pass, and so may a reason we do
+    /// not know, so a reconnecting agent retries those.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Refusal::SecretRefused
+            | Refusal::BadPortRequest(_)
+            | Refusal::PortOutsideRange { .. }
+            | Refusal::PortTaken(_)
+            | Refusal::PortUnavailable(..)
+            | Refusal::BadReadyRequest(_) => true,
+            Refusal::TooManyApps | Refusal::NoRelayedPort(_) | Refusal::Other(_) => false,
+        }
+    }
+
+    /// The inverse of `fmt` for the reasons this side knows.
+    fn parse_known(reason: &str) -> Option<Refusal> {
+        let detail = |prefix: &str| reason.strip_prefix(prefix).map(str::to_owned);
+        if reason == SECRET_REFUSED {
+            return Some(Refusal::SecretRefused);
+        }
+        if reason == TOO_MANY_APPS {
+            return Some(Refusal::TooManyApps);
+        }
+        if let Some(detail) = detail(NO_RELAYED_PORT) {
+            return Some(Refusal::NoRelayedPort(detail));
+        }
+        if let Some(detail) = detail(BAD_PORT_REQUEST) {
+            return Some(Refusal::BadPortRequest(detail));
+        }
+        if let Some(detail) = detail(BAD_READY_REQUEST) {
+            return Some(Refusal::BadReadyRequest(detail));
+        }
+        Refusal::parse_port_refusal(reason.strip_prefix(PORT_WORD)?)
+    }
+
+    /// The `port <PORT> ...` family, from after `port `.
+    fn parse_port_refusal(rest: &str) -> Option<Refusal> {
+        let (port, rest) = rest.split_once(' ')?;
+        let port = parse_number(port)?;
+        if rest == IS_TAKEN {
+            return Some(Refusal::PortTaken(port));
+        }
+        if let Some(detail) = rest.strip_prefix(IS_UNAVAILABLE) {
+            return Some(Refusal::PortUnavailable(port, detail.to_owned()));
+        }
+        let (lo, hi) = rest.strip_prefix(IS_OUTSIDE_RANGE)?.split_once('-')?;
+        let (lo, hi) = (parse_number(lo)?, parse_number(hi)?);
+        Some(Refusal::PortOutsideRange { port, lo, hi })
+    }
+}
+
+impl fmt::Display for Refusal {
+    /// Exactly the wire text (before [`error_line`] flattens it to one line).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::SecretRefused => f.write_str(SECRET_REFUSED),
+            Refusal::TooManyApps => f.write_str(TOO_MANY_APPS),
+            Refusal::NoRelayedPort(detail) => write!(f, "{NO_RELAYED_PORT}{detail}"),
+            Refusal::BadPortRequest(detail) => write!(f, "{BAD_PORT_REQUEST}{detail}"),
+            Refusal::PortOutsideRange { port, lo, hi } => {
+                write!(f, "{PORT_WORD}{port} {IS_OUTSIDE_RANGE}{lo}-{hi}")
+            }
+            Refusal::PortTaken(port) => write!(f, "{PORT_WORD}{port} {IS_TAKEN}"),
+            Refusal::PortUnavailable(port, detail) => {
+                write!(f, "{PORT_WORD}{port} {IS_UNAVAILABLE}{detail}")
+            }
+            Refusal::BadReadyRequest(detail) => write!(f, "{BAD_READY_REQUEST}{detail}"),
+            Refusal::Other(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// A number as `Display` writes a `u16`: decimal, no sign or padding (so
+/// that parsing it back gives the same text).
+fn parse_number(field: &str) -> Option<u16> {
+    let canonical = field == "0" || !field.starts_with('0');
+    let digits = !field.is_empty() && field.len() <= 5 && field.bytes().all(|b| b.is_ascii_digit());
+    if canonical && digits {
+        field.parse().ok()
+    } else {
+        None
     }
 }
 
@@ -305,6 +424,7 @@ fn truncated(s: &str) -> String {
 ///
 /// Holds at most one partial line, so its memory is bounded whatever the
 /// peer sends.
+#[derive(Debug)]
 pub struct LineReader {
     partial: Vec<u8>, // bytes of the line not yet terminated
     limit: usize,     // longest line accepted, terminator included
@@ -447,14 +567,127 @@ mod tests {
             Ok(RelayLine::Established(8081))
         );
         assert_eq!(parse_relay_line("40000"), Ok(RelayLine::Dial(40000, None)));
-        let err = error_line("port 22 is taken\nsecond line");
+        let err = error_line(&Refusal::Other("port 22 is taken\nsecond line".into()));
         assert_eq!(err.matches('\n').count(), 1, "an error line is one line");
         assert_eq!(
             parse_relay_line(err.trim_end()),
-            Ok(RelayLine::Error("port 22 is taken second line".into()))
+            Ok(RelayLine::Error(Refusal::Other(
+                "port 22 is taken second line".into()
+            )))
+        );
+        assert_eq!(
+            parse_relay_line("error port 22 is taken"),
+            Ok(RelayLine::Error(Refusal::PortTaken(22)))
         );
         assert!(parse_relay_line("established relay address port:x").is_err());
         assert!(parse_relay_line("garbage").is_err());
+    }
+
+    /// One refusal of every kind. `kind` names every variant, so a new one
+    /// does not compile until it is listed there, and the test below fails
+    /// until it has a sample here.
+    fn every_refusal() -> Vec<Refusal> {
+        vec![
+            Refusal::SecretRefused,
+            Refusal::TooManyApps,
+            Refusal::NoRelayedPort("Too many open files (os error 24)".into()),
+            Refusal::BadPortRequest("bad port \"0\"".into()),
+            Refusal::PortOutsideRange {
+                port: 80,
+                lo: 20000,
+                hi: 20099,
+            },
+            Refusal::PortTaken(8080),
+            Refusal::PortUnavailable(22, "Permission denied (os error 13)".into()),
+            Refusal::BadReadyRequest("unexpected line \"ready 65\"".into()),
+            Refusal::Other("rate limited".into()),
+        ]
+    }
+
+    fn kind(refusal: &Refusal) -> usize {
+        match refusal {
+            Refusal::SecretRefused => 0,
+            Refusal::TooManyApps => 1,
+            Refusal::NoRelayedPort(_) => 2,
+            Refusal::BadPortRequest(_) => 3,
+            Refusal::PortOutsideRange { .. } => 4,
+            Refusal::PortTaken(_) => 5,
+            Refusal::PortUnavailable(..) => 6,
+            Refusal::BadReadyRequest(_) => 7,
+            Refusal::Other(_) => 8,
+        }
+    }
+
+    #[test]
+    fn every_refusal_parses_back_to_itself_through_its_line() {
+        let all = every_refusal();
+        let kinds: std::collections::BTreeSet<usize> = all.iter().map(kind).collect();
+        assert_eq!(kinds, (0..=8).collect(), "one sample of every kind");
+        for refusal in all {
+            let line = error_line(&refusal);
+            assert_eq!(line, format!("error {refusal}\n"));
+            let mut reader = LineReader::new();
+            let got = lines(&mut reader, line.as_bytes()).expect("one line");
+            assert_eq!(parse_relay_line(&got[0]), Ok(RelayLine::Error(refusal)));
+        }
+    }
+
+    #[test]
+    fn refusals_are_exactly_the_relays_words() {
+        let texts: Vec<String> = every_refusal().iter().map(Refusal::to_string).collect();
+        assert_eq!(
+            texts,
+            [
+                "secret refused",
+                "too many apps",
+                "no relayed port: Too many open files (os error 24)",
+                "bad port request: bad port \"0\"",
+                "port 80 is outside the relay's range 20000-20099",
+                "port 8080 is taken",
+                "port 22 is unavailable: Permission denied (os error 13)",
+                "bad ready request: unexpected line \"ready 65\"",
+                "rate limited",
+            ]
+        );
+    }
+
+    /// The rule the agent applied to the text before reasons had codes.
+    fn final_by_text(reason: &str) -> bool {
+        reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ")
+    }
+
+    #[test]
+    fn known_refusals_are_final_exactly_as_the_text_rule_said() {
+        for refusal in every_refusal() {
+            if let Refusal::Other(_) = refusal {
+                assert!(!refusal.is_final(), "an unknown reason may pass");
+            } else {
+                assert_eq!(refusal.is_final(), final_by_text(&refusal.to_string()));
+            }
+        }
+    }
+
+    #[test]
+    fn near_misses_are_other_and_keep_their_text() {
+        for text in [
+            "",
+            "secret refused!",
+            "Too many apps",
+            "no relayed port:",
+            "port 080 is taken",
+            "port 80 is taken ",
+            "port  80 is taken",
+            "port 65536 is taken",
+            "port 80 is outside the relay's range 1-",
+            "port 80 is outside the relay's range 1-2-3",
+            "port 80 is unavailable:",
+            "port -1 is taken",
+        ] {
+            let parsed = Refusal::parse(text);
+            assert_eq!(parsed, Refusal::Other(text.into()), "{text:?}");
+            assert_eq!(parsed.to_string(), text);
+        }
+        assert_eq!(Refusal::parse("port 0 is taken"), Refusal::PortTaken(0));
     }
 
     #[test]

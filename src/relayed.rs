@@ -33,11 +33,10 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::auth;
+use crate::auth::DialToken;
+use crate::client::{Client, Event, Failure, Registration};
 use crate::config::Secret;
-use crate::protocol::{
-    LineReader, RelayLine, auth_line, parse_relay_line, port_request_line, token_line,
-};
+use crate::protocol::token_line;
 
 /// How long connecting, registering and each dial-in may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,20 +51,20 @@ pub struct RelayedApp {
 
 /// The control connection and what has been read from it but not yet used.
 struct Control {
-    stream: TcpStream,         // blocking
-    lines: LineReader,         // frames the relay's lines
-    pending: VecDeque<String>, // complete lines not yet handled
-    lost: bool,                // the relay closed it; every accept fails now
+    stream: TcpStream,        // blocking
+    client: Client,           // the protocol: what the relay's bytes mean
+    pending: VecDeque<Event>, // events read but not yet handled
+    lost: bool,               // the relay closed (or garbled) it; every accept fails now
 }
 
 impl Control {
-    /// The next line from the relay, blocking; until `deadline`, if given,
-    /// however the line trickles in (each read waits only for what is left).
-    fn next_line(&mut self, deadline: Option<Instant>) -> io::Result<String> {
+    /// The next event from the relay, blocking; until `deadline`, if given,
+    /// however its line trickles in (each read waits only for what is left).
+    fn next_event(&mut self, deadline: Option<Instant>) -> io::Result<Event> {
         let mut buf = [0u8; 512];
         loop {
-            if let Some(line) = self.pending.pop_front() {
-                return Ok(line);
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
             }
             if self.lost {
                 return Err(lost());
@@ -86,11 +85,14 @@ impl Control {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            let pending = &mut self.pending;
-            self.lines
-                .feed(&buf[..n], |line| pending.push_back(line.to_owned()))
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            self.pending.extend(self.client.feed(&buf[..n]));
         }
+    }
+
+    /// Writes what the client says to send (our greeting) in full.
+    fn send(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut stream = &self.stream;
+        stream.write_all(bytes)
     }
 }
 
@@ -107,28 +109,15 @@ pub struct RegisterOptions {
     pub timeout: Option<Duration>,
 }
 
-/// Answers the relay's first line: `auth` if it challenged us, then `port`
-/// if we want one.
-fn greet(stream: &TcpStream, nonce: Option<&[u8]>, options: &RegisterOptions) -> io::Result<()> {
-    let mut lines = String::new();
-    if let Some(nonce) = nonce {
-        let Some(secret) = &options.secret else {
-            return Err(refused("the relay requires a secret"));
-        };
-        lines += &auth_line(&auth::response(&secret.0, nonce));
+/// What failing to register (or, with a garbled line, to go on) gives.
+fn failed(failure: &Failure) -> io::Error {
+    match failure {
+        Failure::Refused(_) | Failure::NoSecret => io::Error::new(
+            io::ErrorKind::ConnectionRefused,
+            format!("the relay refused: {failure}"),
+        ),
+        Failure::LineTooLong => io::Error::new(io::ErrorKind::InvalidData, failure.to_string()),
     }
-    if let Some(port) = options.port {
-        lines += &port_request_line(port);
-    }
-    let mut stream = stream;
-    stream.write_all(lines.as_bytes())
-}
-
-fn refused(reason: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionRefused,
-        format!("the relay refused: {reason}"),
-    )
 }
 
 fn registration_timeout(e: io::Error) -> io::Error {
@@ -188,9 +177,10 @@ impl RelayedApp {
         Err(last)
     }
 
-    /// Answers the relay's first line (the challenge, if any) and sends the
-    /// port request, then reads until registered: one established line, or
-    /// two after a port request. Dial lines meanwhile are kept for `accept`.
+    /// Runs the registration ([`Client`] has its rules: the challenge
+    /// answered, the port request sent, one established line or two after
+    /// it) until registered or the deadline. Any line that does not parse
+    /// fails it; dial lines meanwhile are kept for `accept`.
     fn handshake(
         stream: TcpStream,
         relay: SocketAddr,
@@ -198,37 +188,32 @@ impl RelayedApp {
     ) -> io::Result<RelayedApp> {
         stream.set_nodelay(true)?;
         let deadline = Instant::now() + options.timeout.unwrap_or(TIMEOUT);
+        let registration = Registration {
+            secret: options.secret.clone(),
+            port: options.port,
+            ready: 0,
+        };
         let mut control = Control {
             stream,
-            lines: LineReader::new(),
+            client: Client::new(registration),
             pending: VecDeque::new(),
             lost: false,
         };
-        let needed = 1 + usize::from(options.port.is_some());
-        let (mut seen, mut relayed_port, mut greeted) = (0, 0, false);
         let mut dials = VecDeque::new();
-        while seen < needed {
-            let line = control
-                .next_line(Some(deadline))
-                .map_err(registration_timeout)?;
-            let parsed = parse_relay_line(&line)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            let nonce = match parsed {
-                RelayLine::Established(port) => {
-                    (seen, relayed_port) = (seen + 1, port);
-                    None
-                }
-                RelayLine::Challenge(nonce) => Some(nonce),
-                RelayLine::Dial(..) => {
-                    dials.push_back(line);
-                    continue;
-                }
-                RelayLine::Error(reason) => return Err(refused(&reason)),
-            };
-            if !std::mem::replace(&mut greeted, true) {
-                greet(&control.stream, nonce.as_deref(), options)?;
+        let relayed_port = loop {
+            match control
+                .next_event(Some(deadline))
+                .map_err(registration_timeout)?
+            {
+                Event::Send(bytes) => control.send(&bytes)?,
+                Event::Registered(port) => break port,
+                dial @ Event::Dial { .. } => dials.push_back(dial),
+                Event::Unparsable(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+                // Only reported once registered.
+                Event::ExtraEstablished(_) => {}
+                Event::Failed(failure) => return Err(failed(&failure)),
             }
-        }
+        };
         dials.extend(control.pending.drain(..));
         control.pending = dials;
         control.stream.set_read_timeout(None)?;
@@ -260,25 +245,38 @@ impl RelayedApp {
             .lock()
             .map_err(|_| io::Error::other("a previous accept panicked"))?;
         loop {
-            let line = control.next_line(None)?;
-            match parse_relay_line(&line) {
-                Ok(RelayLine::Dial(port, token)) => {
-                    drop(control);
-                    let addr = SocketAddr::new(self.relay.ip(), port);
-                    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-                    stream.set_nodelay(true)?;
-                    if let Some(token) = token {
-                        stream.write_all(token_line(&token).as_bytes())?;
-                    }
-                    return Ok(stream);
+            match control.next_event(None)? {
+                Event::Dial { port, token } => {
+                    drop(control); // other callers may read while we dial
+                    return self.dial_in(port, token);
                 }
-                Ok(RelayLine::Error(reason)) => {
-                    return Err(io::Error::other(format!("the relay said: {reason}")));
+                // The relay closes the connection next; reading says so.
+                Event::Failed(Failure::Refused(refusal)) => {
+                    return Err(io::Error::other(format!("the relay said: {refusal}")));
                 }
+                // The relay's lines can no longer be told apart.
+                Event::Failed(failure @ (Failure::LineTooLong | Failure::NoSecret)) => {
+                    control.lost = true;
+                    return Err(failed(&failure));
+                }
+                // Nothing to send once registered, but if there were, it is due.
+                Event::Send(bytes) => control.send(&bytes)?,
                 // Another established line, or one we do not know: not a client.
-                Ok(RelayLine::Established(_) | RelayLine::Challenge(_)) | Err(_) => continue,
+                Event::Registered(_) | Event::ExtraEstablished(_) | Event::Unparsable(_) => {}
             }
         }
+    }
+
+    /// A fresh dial-in for one client: to `port` at the relay's address,
+    /// presenting the client's token first if it has one.
+    fn dial_in(&self, port: u16, token: Option<DialToken>) -> io::Result<TcpStream> {
+        let addr = SocketAddr::new(self.relay.ip(), port);
+        let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+        stream.set_nodelay(true)?;
+        if let Some(token) = token {
+            stream.write_all(token_line(&token).as_bytes())?;
+        }
+        Ok(stream)
     }
 
     /// An endless iterator of clients, as [`std::net::TcpListener::incoming`];

@@ -1,6 +1,7 @@
 //! Property tests for the pure parts of the relay: the ring buffer against a
 //! `VecDeque` model, the line framer against a split-anywhere oracle, and the
-//! control-line parsers and formatters (issue 5, "Proof").
+//! control-line parsers and formatters (issue 5, "Proof"), the relay's
+//! refusal codes and the app's control client (issue 10).
 //!
 //! Everything here is pure (no sockets, no time), so each property runs
 //! proptest's default 256 cases in well under a second in the debug profile.
@@ -12,9 +13,11 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use tcp_relay::auth::{DialToken, TOKEN_LEN, TOKEN_LINE_LEN};
+use tcp_relay::client::{Client, Event, Failure, Phase, Registration};
+use tcp_relay::config::Secret;
 use tcp_relay::protocol::{
-    AppLine, ESTABLISHED_PREFIX, LineReader, MAX_LINE, ProtocolError, RelayLine, auth_line,
-    challenge_line, dial_line, error_line, established_line, parse_app_line, parse_dial,
+    AppLine, ESTABLISHED_PREFIX, LineReader, MAX_LINE, ProtocolError, Refusal, RelayLine,
+    auth_line, challenge_line, dial_line, error_line, established_line, parse_app_line, parse_dial,
     parse_established, parse_port, parse_relay_line, parse_token_line, port_request_line,
     token_line,
 };
@@ -366,8 +369,8 @@ fn token_value(field: &str) -> Option<DialToken> {
 /// protocol module's docs: the first matching rule wins.
 fn relay_line_value(line: &str) -> Result<RelayLine, ProtocolError> {
     if let Some(reason) = line.strip_prefix("error ") {
-        // Reasons are cut to 64 characters when parsed.
-        return Ok(RelayLine::Error(reason.chars().take(64).collect()));
+        // Every reason parses, kept whole (`refusal_value` says as what).
+        return Ok(RelayLine::Error(refusal_value(reason)));
     }
     if let Some(field) = line.strip_prefix(ESTABLISHED_PREFIX) {
         return parse_port(field).map(RelayLine::Established);
@@ -446,6 +449,7 @@ fn control_text() -> impl Strategy<Value = String> {
         field.clone().prop_map(|f| format!("auth {f}")),
         field.clone().prop_map(|f| format!("challenge {f}")),
         field.clone().prop_map(|f| format!("error {f}")),
+        reason_text().prop_map(|r| format!("error {r}")),
         ("[0-9]{0,6}", field).prop_map(|(p, f)| format!("{p} {f}")),
         "(established relay address port|port|error|auth|challenge)[: ]?",
     ]
@@ -529,8 +533,8 @@ proptest! {
     }
 
     /// An error line is one line; parsed back (after the framer strips its
-    /// `\n`) it gives the reason with control characters flattened to
-    /// spaces and cut to 64 characters.
+    /// `\n`) it gives the refusal whose text is the reason with control
+    /// characters flattened to spaces, whole.
     #[test]
     fn error_lines_round_trip(
         reason in vec(
@@ -538,15 +542,16 @@ proptest! {
             0..=100,
         ).prop_map(String::from_iter),
     ) {
-        let line = error_line(&reason);
+        let line = error_line(&Refusal::Other(reason.clone()));
         prop_assert!(line.starts_with("error "));
         prop_assert_eq!(line.find('\n'), Some(line.len() - 1), "exactly one LF, at the end");
         let flat: String = reason
             .chars()
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect();
-        let want = RelayLine::Error(flat.chars().take(64).collect());
+        let want = RelayLine::Error(refusal_value(&flat));
         prop_assert_eq!(parse_relay_line(&line[..line.len() - 1]), Ok(want.clone()));
+        prop_assert_eq!(Refusal::parse(&flat).to_string(), flat);
         // Through the framer, as an app receives it (short enough to fit).
         prop_assume!(line.len() <= MAX_LINE);
         prop_assert_eq!(parse_relay_line(&framed(&line)), Ok(want));
@@ -598,4 +603,222 @@ fn zero_padded_ports_are_refused() {
     assert!(parse_port("00001").is_err());
     assert!(parse_app_line("port 08080").is_err());
     assert!(parse_relay_line("0443").is_err());
+}
+
+// ---------------------------------------------------------------------------
+// The relay's refusals (issue 10): codes, not text
+// ---------------------------------------------------------------------------
+
+/// A number field as the relay writes a `u16`: one that formats back to
+/// itself.
+fn number_value(field: &str) -> Option<u16> {
+    field.parse::<u16>().ok().filter(|n| n.to_string() == field)
+}
+
+/// What `Refusal::parse` must make of `reason`, from the relay's words
+/// (`relay/apps.rs`, README "The `port` extension"): a known shape whose
+/// numbers are written as the relay writes them, or `Other`, verbatim.
+fn refusal_value(reason: &str) -> Refusal {
+    let detail = |prefix: &str| reason.strip_prefix(prefix).map(String::from);
+    let known = if reason == "secret refused" {
+        Some(Refusal::SecretRefused)
+    } else if reason == "too many apps" {
+        Some(Refusal::TooManyApps)
+    } else if let Some(d) = detail("no relayed port: ") {
+        Some(Refusal::NoRelayedPort(d))
+    } else if let Some(d) = detail("bad port request: ") {
+        Some(Refusal::BadPortRequest(d))
+    } else if let Some(d) = detail("bad ready request: ") {
+        Some(Refusal::BadReadyRequest(d))
+    } else {
+        port_refusal_value(reason)
+    };
+    known.unwrap_or_else(|| Refusal::Other(reason.into()))
+}
+
+/// The `port <P> ...` reasons: the shape is rebuilt from the numbers found
+/// and must be the whole reason (or, with a detail, its start).
+fn port_refusal_value(reason: &str) -> Option<Refusal> {
+    let port = number_value(reason.strip_prefix("port ")?.split(' ').next()?)?;
+    if reason == format!("port {port} is taken") {
+        return Some(Refusal::PortTaken(port));
+    }
+    if let Some(d) = reason.strip_prefix(&format!("port {port} is unavailable: ")) {
+        return Some(Refusal::PortUnavailable(port, d.into()));
+    }
+    let (lo, hi) = reason.rsplit_once(' ')?.1.split_once('-')?;
+    let (lo, hi) = (number_value(lo)?, number_value(hi)?);
+    let range = format!("port {port} is outside the relay's range {lo}-{hi}");
+    (reason == range).then_some(Refusal::PortOutsideRange { port, lo, hi })
+}
+
+/// The rule the agent applied to the reason's text before reasons had
+/// codes; every reason the relay sends keeps its verdict.
+fn final_by_text(reason: &str) -> bool {
+    reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ")
+}
+
+/// A detail as it reaches an app: any text but control characters (which
+/// `error_line` flattens to spaces).
+fn detail() -> impl Strategy<Value = String> {
+    let printable = any::<char>().prop_filter("flattened on the wire", |c| !c.is_control());
+    vec(printable, 0..=40).prop_map(String::from_iter)
+}
+
+/// Every refusal the relay can send, with any numbers and details.
+fn refusal() -> impl Strategy<Value = Refusal> {
+    prop_oneof![
+        Just(Refusal::SecretRefused),
+        Just(Refusal::TooManyApps),
+        detail().prop_map(Refusal::NoRelayedPort),
+        detail().prop_map(Refusal::BadPortRequest),
+        any::<(u16, u16, u16)>().prop_map(|(port, lo, hi)| Refusal::PortOutsideRange {
+            port,
+            lo,
+            hi
+        }),
+        any::<u16>().prop_map(Refusal::PortTaken),
+        (any::<u16>(), detail()).prop_map(|(port, d)| Refusal::PortUnavailable(port, d)),
+        detail().prop_map(Refusal::BadReadyRequest),
+    ]
+}
+
+/// Reasons: arbitrary text, the relay's own, and near misses of each shape
+/// (padded, signed or overlong numbers, missing or extra words).
+fn reason_text() -> impl Strategy<Value = String> {
+    let number = prop_oneof![
+        any::<u16>().prop_map(|n| n.to_string()),
+        "0[0-9]{0,4}",
+        "[0-9]{1,6}",
+        "[0-9+\\- ]{0,4}",
+    ];
+    let tail = prop_oneof![3 => Just(String::new()), 1 => "[ -~]{0,12}"];
+    prop_oneof![
+        vec(any::<char>(), 0..=40).prop_map(String::from_iter),
+        "(secret refused|too many apps|no relayed port:|bad port request:|bad ready request:|bad|port|secret)[ !]?",
+        (number.clone(), tail.clone()).prop_map(|(n, t)| format!("port {n} is taken{t}")),
+        (number.clone(), tail.clone()).prop_map(|(n, t)| format!("port {n} is unavailable:{t}")),
+        (number.clone(), number.clone(), number, tail).prop_map(|(p, lo, hi, t)| format!(
+            "port {p} is outside the relay's range {lo}-{hi}{t}"
+        )),
+        refusal().prop_map(|r| r.to_string()),
+    ]
+}
+
+proptest! {
+    /// Every refusal the relay can send reads back as itself: its text
+    /// parses to it, and so does the error line an app receives, through
+    /// the framer. Whether it is final is what the text rule said.
+    #[test]
+    fn refusals_round_trip_through_their_line(refusal in refusal()) {
+        let text = refusal.to_string();
+        prop_assert_eq!(Refusal::parse(&text), refusal.clone());
+        let line = framed(&error_line(&refusal));
+        prop_assert_eq!(parse_relay_line(&line), Ok(RelayLine::Error(refusal.clone())));
+        prop_assert_eq!(refusal.is_final(), final_by_text(&text));
+    }
+
+    /// Any reason parses to what the relay's words say and prints back as
+    /// itself; a known one is final as the text rule said, an unknown one
+    /// (a newer relay's) may pass.
+    #[test]
+    fn every_reason_parses_to_its_code_and_prints_back(reason in reason_text()) {
+        let refusal = Refusal::parse(&reason);
+        prop_assert_eq!(&refusal, &refusal_value(&reason));
+        prop_assert_eq!(refusal.to_string(), reason.clone());
+        match &refusal {
+            Refusal::Other(_) => prop_assert!(!refusal.is_final()),
+            known => prop_assert_eq!(known.is_final(), final_by_text(&reason)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The app's control client (issue 10)
+// ---------------------------------------------------------------------------
+
+/// What a relay may say on a control connection, in any order, well formed
+/// or not: established, dial, challenge and error lines, short garbage, and
+/// a run of bytes longer than a line.
+fn relay_script() -> impl Strategy<Value = Vec<String>> {
+    let line = prop_oneof![
+        4 => (1u16..=u16::MAX).prop_map(established_line),
+        4 => (1u16..=u16::MAX, any::<Option<[u8; TOKEN_LEN]>>())
+            .prop_map(|(port, token)| dial_line(port, token.map(DialToken).as_ref())),
+        1 => vec(any::<u8>(), 0..=32).prop_map(|nonce| challenge_line(&nonce)),
+        1 => refusal().prop_map(|r| error_line(&r)),
+        1 => "[ -~]{0,10}\r?\n",
+        1 => Just("x".repeat(MAX_LINE)),
+    ];
+    vec(line, 0..=8)
+}
+
+/// The client's events for `chunks`, fed in order, and its phase after.
+fn run_client(registration: &Registration, chunks: &[&[u8]]) -> (Vec<Event>, Phase) {
+    let mut client = Client::new(registration.clone());
+    let events = chunks.iter().flat_map(|chunk| client.feed(chunk)).collect();
+    (events, client.phase())
+}
+
+proptest! {
+    /// However the relay's bytes are split, the client says the same; and
+    /// what it says keeps its promises: one greeting at most, before we are
+    /// registered; one `Registered` at most, on the established line that
+    /// completes the registration (the second after a `port` request);
+    /// `ExtraEstablished` only after it; one `Failed` at most, last; and its
+    /// phase agrees.
+    #[test]
+    fn the_control_client_ignores_how_bytes_are_split_and_keeps_its_promises(
+        script in relay_script(),
+        cuts in vec(any::<Index>(), 0..=8),
+        port in prop::option::of(1u16..=u16::MAX),
+        secret in any::<bool>(),
+        ready in 0usize..=70,
+    ) {
+        let registration = Registration {
+            secret: secret.then(|| Secret(b"s".to_vec())),
+            port,
+            ready,
+        };
+        let stream = script.concat().into_bytes();
+        let whole = run_client(&registration, &[&stream]);
+        let chunks = split_at_points(&stream, &cuts);
+        let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        prop_assert_eq!(&run_client(&registration, &chunks), &whole);
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        prop_assert_eq!(&run_client(&registration, &bytes), &whole);
+
+        let (events, phase) = whole;
+        let at = |want: fn(&Event) -> bool| events.iter().position(want);
+        let count = |want: fn(&Event) -> bool| events.iter().filter(|e| want(e)).count();
+        let registered = at(|e| matches!(e, Event::Registered(_)));
+        prop_assert!(count(|e| matches!(e, Event::Send(_))) <= 1);
+        prop_assert!(count(|e| matches!(e, Event::Registered(_))) <= 1);
+        prop_assert!(count(|e| matches!(e, Event::Failed(_))) <= 1);
+        if let Some(send) = at(|e| matches!(e, Event::Send(_))) {
+            prop_assert!(registered.is_none_or(|r| send < r));
+        }
+        if let Some(extra) = at(|e| matches!(e, Event::ExtraEstablished(_))) {
+            prop_assert!(registered.is_some_and(|r| r < extra));
+        }
+        let failed = at(|e| matches!(e, Event::Failed(_)));
+        if let Some(failed) = failed {
+            prop_assert_eq!(failed, events.len() - 1, "nothing after a failure");
+            prop_assert_eq!(phase, Phase::Failed);
+        }
+        let needed = 1 + usize::from(port.is_some());
+        let completing = script
+            .iter()
+            .filter_map(|line| parse_established(line.strip_suffix('\n')?).ok())
+            .nth(needed - 1);
+        if let Some(Event::Registered(p)) = registered.map(|r| &events[r]) {
+            prop_assert_eq!(Some(*p), completing);
+            if failed.is_none() {
+                prop_assert_eq!(phase, Phase::Registered(*p));
+            }
+        }
+        if let Some(Event::Failed(Failure::NoSecret)) = failed.map(|f| &events[f]) {
+            prop_assert!(!secret);
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! Fuzzes every control-line parser: none panics on any input, each gives
 //! what the wire format in `tcp_relay::protocol` says (checked against small
 //! independent oracles), and what parses formats back to a line that parses
-//! to the same thing.
+//! to the same thing. A refusal's reason parses to its code (`Refusal`) and
+//! prints back as itself.
 //!
 //! Input: any bytes; `parse_token_line` gets them raw, the line parsers get
 //! them decoded as lossy UTF-8 (as `LineReader` hands lines over).
@@ -11,9 +12,9 @@
 use libfuzzer_sys::fuzz_target;
 use tcp_relay::auth::{DialToken, TOKEN_LINE_LEN};
 use tcp_relay::protocol::{
-    AppLine, ESTABLISHED_PREFIX, ProtocolError, RelayLine, auth_line, challenge_line, dial_line,
-    error_line, established_line, parse_app_line, parse_dial, parse_established, parse_port,
-    parse_relay_line, parse_token_line, token_line,
+    AppLine, ESTABLISHED_PREFIX, MAX_READY, ProtocolError, Refusal, RelayLine, auth_line,
+    challenge_line, dial_line, error_line, established_line, parse_app_line, parse_dial,
+    parse_established, parse_port, parse_relay_line, parse_token_line, token_line,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -24,14 +25,27 @@ fuzz_target!(|data: &[u8]| {
     check_app_line(&line);
     check_relay_line(&line);
     check_error_line(&line);
+    check_refusal(&line);
 });
 
-/// One to five ASCII digits worth 1..=65535 (zero padding included: that
-/// is what the parser accepts today).
+/// One to five ASCII digits worth 1..=65535, without a leading zero
+/// ("decimal without sign, padding or spaces").
 fn port_value(field: &str) -> Option<u16> {
     let digits = !field.is_empty() && field.len() <= 5 && field.bytes().all(|b| b.is_ascii_digit());
     let value = digits.then(|| field.parse::<u32>().ok()).flatten()?;
-    u16::try_from(value).ok().filter(|&p| p != 0)
+    let unpadded = !field.starts_with('0');
+    u16::try_from(value).ok().filter(|&p| p != 0 && unpadded)
+}
+
+/// A count of 0..=MAX_READY as `Display` writes it.
+fn ready_value(field: &str) -> Option<usize> {
+    let n = field.parse::<usize>().ok()?;
+    (n.to_string() == field && n <= MAX_READY).then_some(n)
+}
+
+/// A number as the relay writes a `u16`: one that formats back to itself.
+fn number_value(field: &str) -> Option<u16> {
+    field.parse::<u16>().ok().filter(|n| n.to_string() == field)
 }
 
 /// An even number of ASCII hex digits, either case.
@@ -118,6 +132,10 @@ fn check_app_line(line: &str) {
         hex_value(field)
             .map(AppLine::Auth)
             .ok_or(ProtocolError::Unexpected(String::new()))
+    } else if let Some(field) = line.strip_prefix("ready ") {
+        ready_value(field)
+            .map(AppLine::Ready)
+            .ok_or(ProtocolError::Unexpected(String::new()))
     } else if let Some(field) = line.strip_prefix("port ") {
         parse_port(field).map(AppLine::Port)
     } else {
@@ -134,7 +152,7 @@ fn check_relay_line(line: &str) {
     let bad_port = || ProtocolError::BadPort(String::new());
     let unexpected = || ProtocolError::Unexpected(String::new());
     let want = if let Some(reason) = line.strip_prefix("error ") {
-        Ok(RelayLine::Error(reason.chars().take(64).collect()))
+        Ok(RelayLine::Error(refusal_value(reason)))
     } else if let Some(field) = line.strip_prefix(ESTABLISHED_PREFIX) {
         parse_port(field).map(RelayLine::Established)
     } else if let Some(field) = line.strip_prefix("challenge ") {
@@ -167,12 +185,64 @@ fn check_relay_line(line: &str) {
     assert_same(got, want);
 }
 
-/// An error line is one line and carries the reason, flattened and cut to
-/// 64 characters.
+/// An error line is one line and carries the reason, flattened, whole.
 fn check_error_line(reason: &str) {
     let line = error_line(reason);
     assert_eq!(line.find('\n'), Some(line.len() - 1), "one LF, at the end");
-    let flat = reason.chars().map(|c| if c.is_control() { ' ' } else { c });
-    let want = RelayLine::Error(flat.take(64).collect());
+    let flat: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let want = RelayLine::Error(refusal_value(&flat));
     assert_eq!(parse_relay_line(&line[..line.len() - 1]), Ok(want));
+}
+
+/// What `Refusal::parse` must make of `reason`, from the relay's words: a
+/// known shape whose numbers are written as the relay writes them, or
+/// `Other`, verbatim.
+fn refusal_value(reason: &str) -> Refusal {
+    let detail = |prefix: &str| reason.strip_prefix(prefix).map(String::from);
+    let known = if reason == "secret refused" {
+        Some(Refusal::SecretRefused)
+    } else if reason == "too many apps" {
+        Some(Refusal::TooManyApps)
+    } else if let Some(d) = detail("no relayed port: ") {
+        Some(Refusal::NoRelayedPort(d))
+    } else if let Some(d) = detail("bad port request: ") {
+        Some(Refusal::BadPortRequest(d))
+    } else if let Some(d) = detail("bad ready request: ") {
+        Some(Refusal::BadReadyRequest(d))
+    } else {
+        port_refusal_value(reason)
+    };
+    known.unwrap_or_else(|| Refusal::Other(reason.into()))
+}
+
+/// The `port <P> ...` reasons, rebuilt from the numbers found.
+fn port_refusal_value(reason: &str) -> Option<Refusal> {
+    let port = number_value(reason.strip_prefix("port ")?.split(' ').next()?)?;
+    if reason == format!("port {port} is taken") {
+        return Some(Refusal::PortTaken(port));
+    }
+    if let Some(d) = reason.strip_prefix(&format!("port {port} is unavailable: ")) {
+        return Some(Refusal::PortUnavailable(port, d.into()));
+    }
+    let (lo, hi) = reason.rsplit_once(' ')?.1.split_once('-')?;
+    let (lo, hi) = (number_value(lo)?, number_value(hi)?);
+    let range = format!("port {port} is outside the relay's range {lo}-{hi}");
+    (reason == range).then_some(Refusal::PortOutsideRange { port, lo, hi })
+}
+
+/// A reason parses to its code and prints back as itself; the relay's
+/// reasons are final as the old text rule said, unknown ones may pass.
+fn check_refusal(reason: &str) {
+    let refusal = Refusal::parse(reason);
+    assert_eq!(refusal, refusal_value(reason));
+    assert_eq!(refusal.to_string(), reason);
+    let by_text =
+        reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ");
+    match &refusal {
+        Refusal::Other(_) => assert!(!refusal.is_final()),
+        known => assert_eq!(known.is_final(), by_text, "{known:?}"),
+    }
 }

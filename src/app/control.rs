@@ -15,10 +15,7 @@ use mio::net::TcpStream;
 use super::AgentError;
 use super::core::AgentCore;
 use super::state::{AgentConn, LINK};
-use crate::auth;
-use crate::protocol::{
-    LineReader, MAX_READY, RelayLine, auth_line, parse_relay_line, port_request_line, ready_line,
-};
+use crate::client::{Client, Event, Failure, Phase, Registration};
 use crate::reactor;
 use crate::sockio::{Io, keep_alive, read_slice, write_slice};
 use crate::table::Id;
@@ -34,12 +31,9 @@ const BACKOFF_CAP: Duration = Duration::from_secs(30);
 
 /// A connected control connection.
 pub(super) struct LinkConn {
-    stream: TcpStream,  // to the relay's registration port
-    relay: SocketAddr,  // its address; dial-ins go to the same IP
-    lines: LineReader,  // frames the relay's lines
-    established: usize, // established lines seen on this connection
-    greeted: bool,      // we answered the relay's first line
-    port: u16,          // the relayed port, once registered
+    stream: TcpStream, // to the relay's registration port
+    relay: SocketAddr, // its address; dial-ins go to the same IP
+    client: Client,    // the registration's protocol, without I/O
 }
 
 impl LinkConn {
@@ -48,17 +42,18 @@ impl LinkConn {
         self.relay
     }
 
-    /// The relayed port of the registration (0 until registered).
-    pub(super) fn port(&self) -> u16 {
-        self.port
+    /// The relayed port of the registration, once registered.
+    pub(super) fn port(&self) -> Option<u16> {
+        self.client.registered_port()
     }
 
     /// Why registering took too long, for the log line.
     pub(super) fn registration_timed_out(&self) -> String {
-        if self.established > 0 {
-            "the relay did not answer the port request (does it support --port?)".into()
-        } else {
-            "the relay did not register us in time".into()
+        match self.client.phase() {
+            Phase::Registering { seen } if seen > 0 => {
+                "the relay did not answer the port request (does it support --port?)".into()
+            }
+            _ => "the relay did not register us in time".into(),
         }
     }
 
@@ -127,16 +122,18 @@ impl AgentCore {
             Ok(relay) => relay,
             Err(e) => return self.lost(id, now, format!("cannot reach relay: {e}")),
         };
+        let registration = Registration {
+            secret: self.config.secret.clone(),
+            port: self.config.port,
+            ready: self.config.ready,
+        };
         self.table.transition(id, |conn| match conn {
             AgentConn::Connecting(link, stream) => {
                 keep_alive(&stream);
                 let conn = LinkConn {
                     stream,
                     relay,
-                    lines: LineReader::new(),
-                    established: 0,
-                    greeted: false,
-                    port: 0,
+                    client: Client::new(registration),
                 };
                 AgentConn::Registering(link, conn)
             }
@@ -170,18 +167,11 @@ impl AgentCore {
                     return self.lost(id, now, format!("control connection failed: {e}"));
                 }
             };
-            let mut heard = Vec::new();
-            if let Err(e) = conn
-                .lines
-                .feed(&buf[..n], |line| heard.push(parse_relay_line(line)))
-            {
-                return self.lost(id, now, format!("relay sent {e}"));
-            }
-            for line in heard {
+            for event in conn.client.feed(&buf[..n]) {
                 if !self.is_link_up(id) {
                     return; // lost, or given up, on an earlier line
                 }
-                self.hear(id, line, now);
+                self.hear(id, event, now);
             }
             if n < buf.len() && !ending {
                 return;
@@ -199,86 +189,45 @@ impl AgentCore {
             )
     }
 
-    /// Acts on one line from the relay.
-    fn hear(
-        &mut self,
-        id: Id,
-        line: Result<RelayLine, crate::protocol::ProtocolError>,
-        now: Instant,
-    ) {
-        match line {
-            Ok(RelayLine::Dial(port, token)) => self.want_dial(id, port, token, now),
-            Ok(RelayLine::Challenge(nonce)) => self.greet(id, Some(&nonce), now),
-            Ok(RelayLine::Established(port)) => {
-                self.greet(id, None, now);
-                self.established(id, port);
+    /// Acts on what the relay's lines meant (in order).
+    fn hear(&mut self, id: Id, event: Event, now: Instant) {
+        match event {
+            Event::Send(bytes) => self.send(id, &bytes, now),
+            Event::Registered(port) => self.registered(id, port),
+            Event::Dial { port, token } => self.want_dial(id, port, token, now),
+            Event::ExtraEstablished(port) => {
+                log::warn!("relay sent another established line (port {port}); ignored");
             }
-            Ok(RelayLine::Error(reason)) if is_final(&reason) => {
-                self.give_up(AgentError::Refused(reason));
+            Event::Unparsable(e) => {
+                log::warn!("relay sent a line we do not understand ({e}); ignored");
+            }
+            Event::Failed(Failure::NoSecret) => {
+                let needed = "it requires a secret and we have none (--secret or TCP_RELAY_SECRET)";
+                self.give_up(AgentError::Refused(needed.into()));
+            }
+            Event::Failed(failure) if failure.is_final() => {
+                self.give_up(AgentError::Refused(failure.to_string()));
             }
             // A passing refusal (the relay is full, out of ports): try again later.
-            Ok(RelayLine::Error(reason)) => {
-                self.lost(id, now, format!("the relay refused: {reason}"))
-            }
-            Err(e) => log::warn!("relay sent a line we do not understand ({e}); ignored"),
+            Event::Failed(failure) => self.lost(id, now, format!("the relay refused: {failure}")),
         }
     }
 
-    /// Answers the relay's first line: the challenge (if it sent one) and
-    /// our `port` and `ready` requests (if we have them), in one write. A
-    /// few dozen bytes on a fresh connection: the send buffer is empty, so
-    /// anything short of a full write means the connection is bad.
-    fn greet(&mut self, id: Id, nonce: Option<&[u8]>, now: Instant) {
-        let (secret, port, ready) = (
-            self.config.secret.clone(),
-            self.config.port,
-            self.config.ready,
-        );
-        let Some(AgentConn::Registering(_, conn)) = self.table.get_mut(id) else {
+    /// Writes our lines (the answer to the challenge, our requests) in one
+    /// write. A few dozen bytes on a fresh connection: the send buffer is
+    /// empty, so anything short of a full write means the connection is bad.
+    fn send(&mut self, id: Id, bytes: &[u8], now: Instant) {
+        let Some(AgentConn::Registering(_, conn)) = self.table.get(id) else {
             return;
         };
-        if std::mem::replace(&mut conn.greeted, true) {
-            return;
-        }
-        let mut lines = String::new();
-        if let Some(nonce) = nonce {
-            let Some(secret) = secret else {
-                let needed = "it requires a secret and we have none (--secret or TCP_RELAY_SECRET)";
-                return self.give_up(AgentError::Refused(needed.into()));
-            };
-            lines += &auth_line(&auth::response(&secret.0, nonce));
-        }
-        if let Some(port) = port {
-            lines += &port_request_line(port);
-        }
-        if ready > 0 {
-            lines += &ready_line(ready.min(MAX_READY));
-        }
-        if !lines.is_empty()
-            && !matches!(write_slice(&conn.stream, lines.as_bytes()), Io::Moved(n) if n == lines.len())
-        {
+        if !matches!(write_slice(&conn.stream, bytes), Io::Moved(n) if n == bytes.len()) {
             self.lost(id, now, "cannot send our requests to the relay".into());
         }
     }
 
-    /// An established line. Without a `port` request the first one registers
-    /// us (Registering => Registered); with one, the first is the port
-    /// assigned on connect and the second the relay's answer to our request.
-    fn established(&mut self, id: Id, port: u16) {
-        let needed = if self.config.port.is_some() { 2 } else { 1 };
-        match self.table.get_mut(id) {
-            Some(AgentConn::Registering(_, conn)) => {
-                conn.established += 1;
-                conn.port = port;
-                if conn.established < needed {
-                    return;
-                }
-            }
-            Some(AgentConn::Registered(..)) => {
-                return log::warn!("relay sent another established line (port {port}); ignored");
-            }
-            _ => return,
-        }
+    /// Registering => Registered: the relay told us our port (after one
+    /// established line, or two when we asked for a port: see [`Client`]).
+    fn registered(&mut self, id: Id, port: u16) {
         self.table.transition(id, |conn| match conn {
             AgentConn::Registering(mut link, conn) => {
                 log::info!("registered with relay {}: relayed port {port}", conn.relay);
@@ -325,13 +274,6 @@ impl AgentCore {
         self.table.transition(id, |_| AgentConn::Reconnecting(link));
         self.table.arm(id, now + delay);
     }
-}
-
-/// Whether a refusal from the relay stands however often we ask: a wrong
-/// secret, or a refused request of ours (`port`, `ready`). Others (too many
-/// apps, no free relayed port) may pass, so a reconnecting agent retries.
-fn is_final(reason: &str) -> bool {
-    reason.starts_with("secret") || reason.starts_with("port ") || reason.starts_with("bad ")
 }
 
 /// The delay before reconnect attempt `attempt` (0-based): exponential,

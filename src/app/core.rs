@@ -211,7 +211,7 @@ impl AgentCore {
     /// registration's, when there are several).
     pub(super) fn relayed_port(&self) -> Option<u16> {
         self.table.iter().find_map(|(_, conn)| match conn {
-            AgentConn::Registered(_, conn) => Some(conn.port()),
+            AgentConn::Registered(_, conn) => conn.port(),
             _ => None,
         })
     }

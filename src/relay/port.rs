@@ -43,7 +43,7 @@ impl RelayCore {
     fn open_requested_port(&self, id: Id, port: u16) -> Result<TcpListener, Refusal> {
         let (lo, hi) = self.port_range();
         if self.config.port_range.is_some() && !(lo..=hi).contains(&port) {
-            return Err(Refusal::PortOutOfRange { port, lo, hi });
+            return Err(Refusal::PortOutsideRange { port, lo, hi });
         }
         if self.held_ports.contains(&port) || port == self.reg_addr.port() {
             return Err(Refusal::PortTaken(port));
