@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use cli::{parse_duration, parse_port_range};
 use log::LevelFilter;
-use tcp_relay::config::{parse_duration, parse_port_range};
-use tcp_relay::ops::secret;
-use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Service};
+use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Secret, Service};
+
+mod cli;
 
 /// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
 #[derive(Parser)]
@@ -196,7 +197,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         reg_port: args.reg_port,
         relay_style: args.relay_style,
         dial_in_timeout: args.dial_in_timeout,
-        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
+        secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
         port_range: args.port_range,
         max_apps: args.max_apps,
         max_waiting_per_app: args.max_waiting,
@@ -222,7 +223,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Echo,
         port: None,
-        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
+        secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
         ready: 0,
         splice: Config::default().splice,
         reconnect: false,
@@ -242,7 +243,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         relay: args.relay,
         service: Service::Forward(local),
         port: args.port,
-        secret: secret::from_args(args.secret, args.secret_file.path.as_deref())?,
+        secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
         ready: usize::from(args.ready),
         splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,

@@ -33,23 +33,6 @@ pub const SIGNALS: Token = Token(usize::MAX - 1);
 /// relay's registration listener, the agent's control connection).
 pub const MAIN: Token = Token(usize::MAX - 2);
 
-/// Sub-token bits: a slab entry may own up to four sockets (an app owns its
-/// control connection and two listeners; a client entry, two streams).
-const SUB_BITS: usize = 2;
-const SUB_MASK: usize = (1 << SUB_BITS) - 1;
-
-/// The token of socket `sub` (< 4) of slab entry `key`. With [`split`], the
-/// only place tokens and keys are converted (invariant *Tokens are keys*).
-pub fn token(key: usize, sub: usize) -> Token {
-    debug_assert!(sub <= SUB_MASK);
-    Token((key << SUB_BITS) | sub)
-}
-
-/// The slab key and socket index of a connection token.
-pub fn split(token: Token) -> (usize, usize) {
-    (token.0 >> SUB_BITS, token.0 & SUB_MASK)
-}
-
 /// What the loop needs from whatever it drives.
 pub trait Handler {
     /// How long `poll` may block: `Some(ZERO)` when work is queued, the time to
@@ -108,12 +91,6 @@ impl Reactor {
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
         self.signals = Some(signals);
         Ok(())
-    }
-
-    /// Runs `handler` until stopped (by the stopper or a signal). Fails only
-    /// if `poll` itself fails, which means the process is in trouble.
-    pub fn run(&mut self, handler: &mut impl Handler) -> io::Result<()> {
-        self.run_while(handler, |_| true).map(|_| ())
     }
 
     /// Runs turns while `go_on(handler)` holds after each; returns whether
@@ -260,6 +237,7 @@ impl Timers {
     }
 
     /// Whether no timer is armed.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.armed.is_empty()
     }
@@ -394,17 +372,6 @@ pub fn until(deadline: Option<Instant>, now: Instant) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tokens_round_trip_and_stay_clear_of_the_waker() {
-        for key in [0usize, 1, 7, 123_456] {
-            for sub in 0..=SUB_MASK {
-                let t = token(key, sub);
-                assert_eq!(split(t), (key, sub));
-                assert_ne!(t, WAKER);
-            }
-        }
-    }
 
     #[test]
     fn timers_fire_in_deadline_order_only_when_due() {

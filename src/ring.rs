@@ -40,6 +40,7 @@ impl RingBuffer {
     }
 
     /// No free space is left.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn is_full(&self) -> bool {
         self.len == self.capacity()
     }
@@ -119,6 +120,7 @@ impl RingBuffer {
     }
 
     /// Copies as much of `data` as fits; returns the count copied.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn enqueue_slice(&mut self, data: &[u8]) -> usize {
         let copied = self.enqueue_with(|first, second| {
             let a = first.len().min(data.len());
@@ -131,6 +133,7 @@ impl RingBuffer {
     }
 
     /// Moves as many stored bytes as fit into `out`; returns the count moved.
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn dequeue_slice(&mut self, out: &mut [u8]) -> usize {
         let moved = self.dequeue_with(|first, second| {
             let a = first.len().min(out.len());

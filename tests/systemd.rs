@@ -17,8 +17,27 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tcp_relay::Config;
-use tcp_relay::config::parse_duration;
-use tcp_relay::ops::secret::{CREDENTIAL, CREDENTIALS_DIRECTORY};
+
+/// The credential name the relay looks for (`Secret::select`), and the
+/// variable systemd names the credentials' directory in.
+const CREDENTIAL: &str = "tcp-relay-secret";
+const CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
+
+/// A systemd time span of one unit (`20s`, `500ms`, `2min`), as the units
+/// here write them.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "min" => Ok(Duration::from_secs(60 * n)),
+        _ => Err(format!("{text:?}: unit {unit:?}")),
+    }
+}
 
 /// The binary under test.
 const BINARY: &str = env!("CARGO_BIN_EXE_tcp-relay");

@@ -13,7 +13,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tcp_relay::client::{Client, Event, Failure, Phase, Registration};
-use tcp_relay::config::Secret;
+use tcp_relay::Secret;
 use tcp_relay::protocol::parse_established;
 
 fuzz_target!(|data: &[u8]| {

@@ -187,7 +187,7 @@ fn check_relay_line(line: &str) {
 
 /// An error line is one line and carries the reason, flattened, whole.
 fn check_error_line(reason: &str) {
-    let line = error_line(reason);
+    let line = error_line(&Refusal::Other(reason.to_owned()));
     assert_eq!(line.find('\n'), Some(line.len() - 1), "one LF, at the end");
     let flat: String = reason
         .chars()

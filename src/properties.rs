@@ -9,19 +9,19 @@
 
 use std::collections::VecDeque;
 
-use proptest::collection::vec;
-use proptest::prelude::*;
-use proptest::sample::Index;
-use tcp_relay::auth::{DialToken, TOKEN_LEN, TOKEN_LINE_LEN};
-use tcp_relay::client::{Client, Event, Failure, Phase, Registration};
-use tcp_relay::config::Secret;
-use tcp_relay::protocol::{
+use crate::auth::{DialToken, TOKEN_LEN, TOKEN_LINE_LEN};
+use crate::client::{Client, Event, Failure, Phase, Registration};
+use crate::config::Secret;
+use crate::protocol::{
     AppLine, ESTABLISHED_PREFIX, LineReader, MAX_LINE, ProtocolError, Refusal, RelayLine,
     auth_line, challenge_line, dial_line, error_line, established_line, parse_app_line, parse_dial,
     parse_established, parse_port, parse_relay_line, parse_token_line, port_request_line,
     token_line,
 };
-use tcp_relay::ring::RingBuffer;
+use crate::ring::RingBuffer;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use proptest::sample::Index;
 
 // ---------------------------------------------------------------------------
 // RingBuffer against VecDeque<u8>
