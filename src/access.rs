@@ -193,8 +193,10 @@ pub enum AllowError {
     BadPrefix(String),
     /// The prefix is longer than the address family has bits.
     PrefixTooLong {
-        entry: String, // the entry as given
-        max: u8,       // 32 or 128
+        /// The entry as given.
+        entry: String,
+        /// The family's bits: 32 or 128.
+        max: u8,
     },
 }
 

@@ -25,8 +25,9 @@ use crate::auth::{self, DialToken};
 use crate::config::Secret;
 use crate::protocol::{
     LineReader, MAX_LINE, MAX_READY, ProtocolError, Refusal, RelayLine, auth_line,
-    parse_relay_line, port_request_line, ready_line,
+    parse_relay_line, port_request_line, proxy_line, ready_line,
 };
+use crate::proxy_protocol::ProxyVersion;
 
 /// What an app asks of the relay when it registers.
 #[derive(Debug, Clone, Default)]
@@ -38,6 +39,10 @@ pub struct Registration {
     /// Keep this many dial-ins ready (the `ready` extension; 0 sends
     /// nothing, more than [`MAX_READY`] asks for [`MAX_READY`]).
     pub ready: usize,
+    /// Begin every dial-in with a PROXY protocol header of this version
+    /// naming its client (the `proxy` extension); the relay says yes with a
+    /// `proxy` line of its own, and registration waits for it.
+    pub proxy: Option<ProxyVersion>,
 }
 
 /// Where a registration stands.
@@ -48,9 +53,10 @@ pub enum Phase {
     Connected,
     /// Greeted; `seen` established lines have come, not yet all we need
     /// (with a `port` request, `seen == 1` means the relay has not answered
-    /// the request yet).
+    /// the request yet), or the answer to our `proxy` request has not.
     Registering {
         seen: usize, // established lines so far
+        proxy: bool, // the relay answered our `proxy` request (or we made none)
     },
     /// Registered on this relayed port; dial lines follow.
     Registered(u16),
@@ -132,6 +138,7 @@ pub struct Client {
     registration: Registration, // what we ask for
     lines: LineReader,          // frames the relay's lines
     phase: Phase,               // where the registration stands
+    last_port: u16,             // the port of the last established line
 }
 
 impl Client {
@@ -141,6 +148,7 @@ impl Client {
             registration,
             lines: LineReader::new(),
             phase: Phase::Connected,
+            last_port: 0,
         }
     }
 
@@ -191,6 +199,7 @@ impl Client {
             }
             Ok(RelayLine::Dial(port, token)) => events.push(Event::Dial { port, token }),
             Ok(RelayLine::Error(refusal)) => self.fail(Failure::Refused(refusal), events),
+            Ok(RelayLine::Proxy(version)) => self.proxy_granted(version, events),
             Err(e) => events.push(Event::Unparsable(e)),
         }
     }
@@ -204,7 +213,8 @@ impl Client {
         }
         match self.greeting(nonce) {
             Ok(bytes) => {
-                self.phase = Phase::Registering { seen: 0 };
+                let proxy = self.registration.proxy.is_none();
+                self.phase = Phase::Registering { seen: 0, proxy };
                 if !bytes.is_empty() {
                     events.push(Event::Send(bytes.into_bytes()));
                 }
@@ -229,6 +239,9 @@ impl Client {
         if wanted.ready > 0 {
             lines += &ready_line(wanted.ready.min(MAX_READY));
         }
+        if let Some(version) = wanted.proxy {
+            lines += &proxy_line(version);
+        }
         Ok(lines)
     }
 
@@ -239,20 +252,50 @@ impl Client {
         1 + usize::from(self.registration.port.is_some())
     }
 
-    /// An established line: counted while registering; the last one needed
-    /// registers us on its port. Registering => Registered.
+    /// An established line: counted while registering; with the last one
+    /// needed (and our `proxy` request answered, if we made one), we are
+    /// registered on its port.
     fn established(&mut self, port: u16, events: &mut Vec<Event>) {
         match self.phase {
-            Phase::Registering { seen } if seen + 1 < self.established_needed() => {
-                self.phase = Phase::Registering { seen: seen + 1 };
-            }
-            Phase::Registering { .. } => {
-                self.phase = Phase::Registered(port);
-                events.push(Event::Registered(port));
+            Phase::Registering { seen, proxy } => {
+                self.phase = Phase::Registering {
+                    seen: seen + 1,
+                    proxy,
+                };
+                self.registered_if_answered(port, events);
             }
             Phase::Registered(_) => events.push(Event::ExtraEstablished(port)),
             // `greet` has just left Connected, or failed.
             Phase::Connected | Phase::Failed => {}
+        }
+    }
+
+    /// The relay's `proxy` line: the answer to our request, if it grants
+    /// the version we asked for; anything else changes nothing.
+    fn proxy_granted(&mut self, version: ProxyVersion, events: &mut Vec<Event>) {
+        match self.phase {
+            Phase::Registering { seen, proxy: false }
+                if self.registration.proxy == Some(version) =>
+            {
+                self.phase = Phase::Registering { seen, proxy: true };
+                self.registered_if_answered(self.last_port, events);
+            }
+            _ => events.push(Event::Unparsable(ProtocolError::Unexpected(proxy_line(
+                version,
+            )))),
+        }
+    }
+
+    /// Registering => Registered once every answer we wait for has come:
+    /// the established lines (one, or two after a `port` request), and the
+    /// `proxy` answer if we asked.
+    fn registered_if_answered(&mut self, port: u16, events: &mut Vec<Event>) {
+        self.last_port = port;
+        if let Phase::Registering { seen, proxy: true } = self.phase
+            && seen >= self.established_needed()
+        {
+            self.phase = Phase::Registered(port);
+            events.push(Event::Registered(port));
         }
     }
 
@@ -275,6 +318,7 @@ mod tests {
             secret: secret.then(|| Secret(SECRET.to_vec())),
             port,
             ready,
+            proxy: None,
         })
     }
 
@@ -308,7 +352,13 @@ mod tests {
         let mut c = client(Some(9000), false, 8);
         let events = c.feed(established_line(8081).as_bytes());
         assert_eq!(events, [send("port 9000\nready 8\n")], "one write");
-        assert_eq!(c.phase(), Phase::Registering { seen: 1 });
+        assert_eq!(
+            c.phase(),
+            Phase::Registering {
+                seen: 1,
+                proxy: true
+            }
+        );
         assert_eq!(c.registered_port(), None);
         let events = c.feed(established_line(9000).as_bytes());
         assert_eq!(events, [Event::Registered(9000)]);
@@ -385,7 +435,13 @@ mod tests {
         let events = feed_bytewise(&mut c, challenge_line(&nonce).as_bytes());
         let auth = auth_line(&auth::response(SECRET, &nonce));
         assert_eq!(events, [send(&format!("{auth}port 9000\nready 2\n"))]);
-        assert_eq!(c.phase(), Phase::Registering { seen: 0 });
+        assert_eq!(
+            c.phase(),
+            Phase::Registering {
+                seen: 0,
+                proxy: true
+            }
+        );
         // A second challenge is not answered again.
         assert_eq!(c.feed(challenge_line(&[1; 32]).as_bytes()), []);
         assert_eq!(c.feed(established_line(8081).as_bytes()), []);

@@ -6,6 +6,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::access::AllowList;
+
 /// How the relay picks each app's relayed port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RelayStyle {
@@ -90,6 +92,12 @@ pub struct Config {
     /// It also bounds the dial lines an app has outstanding (see the crate
     /// docs, invariant *A dial-in is never dropped*).
     pub backlog: u32,
+    /// Client connections from these sources (a balancer in front of the
+    /// relay: HAProxy, nginx stream, a cloud L4 balancer) must begin with a
+    /// PROXY protocol header (v1 or v2), whose address then stands for the
+    /// client everywhere after. `None`: no source is trusted, and a header
+    /// is just client data.
+    pub accept_proxy_from: Option<AllowList>,
 }
 
 /// A secret, kept out of debug output and logs.
@@ -143,6 +151,7 @@ impl Default for Config {
             // allows, and 4096 is Linux's own somaxconn since 5.4. A queue
             // costs nothing until connections wait in it.
             backlog: 4096,
+            accept_proxy_from: None,
         }
     }
 }

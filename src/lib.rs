@@ -62,7 +62,6 @@ pub(crate) mod client;
 #[cfg(not(feature = "fuzzing"))]
 pub(crate) mod protocol;
 #[cfg(not(feature = "fuzzing"))]
-#[allow(dead_code)]
 pub(crate) mod proxy_protocol;
 #[cfg(not(feature = "fuzzing"))]
 pub(crate) mod ring;
@@ -86,7 +85,9 @@ pub mod ring;
 #[cfg(test)]
 mod properties;
 
+pub use access::{AllowError, AllowList, Cidr};
 pub use app::{Agent, AgentConfig, AgentError, EchoApp, RunningAgent, RunningEcho, Service};
 pub use config::{Config, RelayStyle, Secret};
+pub use proxy_protocol::ProxyVersion;
 pub use relay::{Relay, RelayHandle, RunningRelay, Stats};
-pub use relayed::{Incoming, RegisterOptions, RelayedApp};
+pub use relayed::{Incoming, RegisterOptions, RelayedApp, RelayedStream};

@@ -9,7 +9,9 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand};
 use cli::{parse_duration, parse_port_range};
 use log::LevelFilter;
-use tcp_relay::{Agent, AgentConfig, Config, Relay, RelayStyle, Secret, Service};
+use tcp_relay::{
+    Agent, AgentConfig, AllowList, Config, ProxyVersion, Relay, RelayStyle, Secret, Service,
+};
 
 mod cli;
 
@@ -79,6 +81,13 @@ struct ServeArgs {
     /// between two accepts); capped by net.core.somaxconn, logged if so.
     #[arg(long, default_value_t = Config::default().backlog, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     backlog: u32,
+    /// Trust these sources (a balancer in front: HAProxy send-proxy, nginx
+    /// stream proxy_protocol, a cloud load balancer) to begin each client
+    /// connection with a PROXY protocol header (v1 or v2) naming the real
+    /// client, e.g. 10.0.0.0/8,192.0.2.7. From them a connection without a
+    /// valid header is reset; from anyone else a header is client data.
+    #[arg(long, value_name = "CIDR[,...]")]
+    accept_proxy_from: Option<AllowList>,
     /// Longest control line accepted from an app, in bytes.
     #[arg(long, default_value_t = Config::default().max_line, value_name = "BYTES")]
     max_line: usize,
@@ -151,6 +160,12 @@ struct ExposeArgs {
     /// the descriptor limit allows.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_clients: Option<u64>,
+    /// Ask the relay to begin every dial-in with a PROXY protocol header
+    /// (v1: text, v2: binary) naming the client's real address; it reaches
+    /// the local service untouched (nginx `listen ... proxy_protocol`,
+    /// HAProxy `accept-proxy`). The service must expect it.
+    #[arg(long, value_name = "VERSION")]
+    proxy_protocol: Option<ProxyVersion>,
     /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
     #[arg(long)]
     no_splice: bool,
@@ -204,6 +219,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_connections: args.max_connections,
         max_line: args.max_line,
         backlog: args.backlog,
+        accept_proxy_from: args.accept_proxy_from,
         register_timeout: args.register_timeout,
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
@@ -229,6 +245,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         reconnect: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
+        proxy_protocol: None,
     })
 }
 
@@ -251,6 +268,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         max_clients: args
             .max_clients
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        proxy_protocol: args.proxy_protocol,
     })
 }
 

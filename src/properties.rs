@@ -779,6 +779,7 @@ proptest! {
             secret: secret.then(|| Secret(b"s".to_vec())),
             port,
             ready,
+            proxy: None,
         };
         let stream = script.concat().into_bytes();
         let whole = run_client(&registration, &[&stream]);

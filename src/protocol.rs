@@ -50,6 +50,7 @@
 use std::fmt;
 
 use crate::auth::{DialToken, TOKEN_LINE_LEN, hex, unhex};
+use crate::proxy_protocol::ProxyVersion;
 
 /// Prefix of the line that tells an app its relayed port.
 pub const ESTABLISHED_PREFIX: &str = "established relay address port:";
@@ -135,11 +136,16 @@ pub enum AppLine {
     Auth(Vec<u8>),
     /// `ready <N>`: keep N dial-ins ready for my next clients.
     Ready(usize),
+    /// `proxy <v1|v2>`: begin each of my dial-ins with a PROXY protocol
+    /// header naming its client.
+    Proxy(ProxyVersion),
     /// Anything else: ignored, as the original relay ignored everything.
     Other,
 }
 
-/// Parses an app's line; only a malformed `port` request is an error.
+/// Parses an app's line. A line that starts like a request this side
+/// knows (`auth`, `port`, `ready`, `proxy`) but does not parse is an error;
+/// any other line is [`AppLine::Other`].
 pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
     if let Some(answer) = line.strip_prefix(AUTH_PREFIX) {
         return unhex(answer)
@@ -148,6 +154,9 @@ pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
     }
     if let Some(count) = line.strip_prefix(READY_PREFIX) {
         return parse_ready(count).map(AppLine::Ready);
+    }
+    if let Some(version) = line.strip_prefix(PROXY_PREFIX) {
+        return parse_proxy(version).map(AppLine::Proxy);
     }
     match line.strip_prefix(PORT_PREFIX) {
         Some(port) => parse_port(port).map(AppLine::Port),
@@ -183,6 +192,27 @@ fn parse_ready(field: &str) -> Result<usize, ProtocolError> {
         .ok_or_else(bad)
 }
 
+/// Prefix of the app's PROXY protocol request, and of the relay's answer.
+const PROXY_PREFIX: &str = "proxy ";
+
+/// The line asking for (app to relay), or granting (relay to app), a PROXY
+/// protocol header of `version` on every dial-in.
+pub fn proxy_line(version: ProxyVersion) -> String {
+    format!("{PROXY_PREFIX}{version}\n")
+}
+
+/// Parses the version of a `proxy` line: exactly `v1` or `v2`.
+fn parse_proxy(field: &str) -> Result<ProxyVersion, ProtocolError> {
+    match field {
+        "v1" => Ok(ProxyVersion::V1),
+        "v2" => Ok(ProxyVersion::V2),
+        _ => Err(ProtocolError::Unexpected(format!(
+            "proxy {}",
+            truncated(field)
+        ))),
+    }
+}
+
 /// A line the relay sent to an app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayLine {
@@ -194,6 +224,9 @@ pub enum RelayLine {
     Challenge(Vec<u8>),
     /// `error <REASON>`: the app or a request of its was refused.
     Error(Refusal),
+    /// `proxy <v1|v2>`: the relay will begin every dial-in with a PROXY
+    /// protocol header of that version (the answer to the app's request).
+    Proxy(ProxyVersion),
 }
 
 /// Parses a relay's line (without `\n`). An error line always parses: a
@@ -211,6 +244,9 @@ pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
         return unhex(nonce)
             .map(RelayLine::Challenge)
             .ok_or_else(|| ProtocolError::Unexpected(truncated(line)));
+    }
+    if let Some(version) = line.strip_prefix(PROXY_PREFIX) {
+        return parse_proxy(version).map(RelayLine::Proxy);
     }
     match line.split_once(' ') {
         Some((port, token)) => {
@@ -257,6 +293,8 @@ pub enum Refusal {
     PortUnavailable(u16, String),
     /// `bad ready request: <DETAIL>`: our `ready` line was not a count.
     BadReadyRequest(String),
+    /// `bad proxy request: <DETAIL>`: our `proxy` line named no version.
+    BadProxyRequest(String),
     /// A reason this side does not know (a newer relay's), verbatim.
     Other(String),
 }
@@ -268,6 +306,7 @@ const TOO_MANY_APPS: &str = "too many apps";
 const NO_RELAYED_PORT: &str = "no relayed port: ";
 const BAD_PORT_REQUEST: &str = "bad port request: ";
 const BAD_READY_REQUEST: &str = "bad ready request: ";
+const BAD_PROXY_REQUEST: &str = "bad proxy request: ";
 const PORT_WORD: &str = "port ";
 const IS_TAKEN: &str = "is taken";
 const IS_UNAVAILABLE: &str = "is unavailable: ";
@@ -290,7 +329,8 @@ impl Refusal {
             | Refusal::PortOutsideRange { .. }
             | Refusal::PortTaken(_)
             | Refusal::PortUnavailable(..)
-            | Refusal::BadReadyRequest(_) => true,
+            | Refusal::BadReadyRequest(_)
+            | Refusal::BadProxyRequest(_) => true,
             Refusal::TooManyApps | Refusal::NoRelayedPort(_) | Refusal::Other(_) => false,
         }
     }
@@ -312,6 +352,9 @@ impl Refusal {
         }
         if let Some(detail) = detail(BAD_READY_REQUEST) {
             return Some(Refusal::BadReadyRequest(detail));
+        }
+        if let Some(detail) = detail(BAD_PROXY_REQUEST) {
+            return Some(Refusal::BadProxyRequest(detail));
         }
         Refusal::parse_port_refusal(reason.strip_prefix(PORT_WORD)?)
     }
@@ -348,6 +391,7 @@ impl fmt::Display for Refusal {
                 write!(f, "{PORT_WORD}{port} {IS_UNAVAILABLE}{detail}")
             }
             Refusal::BadReadyRequest(detail) => write!(f, "{BAD_READY_REQUEST}{detail}"),
+            Refusal::BadProxyRequest(detail) => write!(f, "{BAD_PROXY_REQUEST}{detail}"),
             Refusal::Other(reason) => f.write_str(reason),
         }
     }
@@ -600,6 +644,7 @@ mod tests {
             Refusal::PortTaken(8080),
             Refusal::PortUnavailable(22, "Permission denied (os error 13)".into()),
             Refusal::BadReadyRequest("unexpected line \"ready 65\"".into()),
+            Refusal::BadProxyRequest("unexpected line \"proxy v3\"".into()),
             Refusal::Other("rate limited".into()),
         ]
     }
@@ -614,7 +659,8 @@ mod tests {
             Refusal::PortTaken(_) => 5,
             Refusal::PortUnavailable(..) => 6,
             Refusal::BadReadyRequest(_) => 7,
-            Refusal::Other(_) => 8,
+            Refusal::BadProxyRequest(_) => 8,
+            Refusal::Other(_) => 9,
         }
     }
 
@@ -622,7 +668,7 @@ mod tests {
     fn every_refusal_parses_back_to_itself_through_its_line() {
         let all = every_refusal();
         let kinds: std::collections::BTreeSet<usize> = all.iter().map(kind).collect();
-        assert_eq!(kinds, (0..=8).collect(), "one sample of every kind");
+        assert_eq!(kinds, (0..=9).collect(), "one sample of every kind");
         for refusal in all {
             let line = error_line(&refusal);
             assert_eq!(line, format!("error {refusal}\n"));
@@ -646,6 +692,7 @@ mod tests {
                 "port 8080 is taken",
                 "port 22 is unavailable: Permission denied (os error 13)",
                 "bad ready request: unexpected line \"ready 65\"",
+                "bad proxy request: unexpected line \"proxy v3\"",
                 "rate limited",
             ]
         );

@@ -74,6 +74,50 @@ use std::fmt;
 use std::io::{self, Read};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// Which PROXY protocol header an app asks for on its dial-ins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProxyVersion {
+    /// Version 1: one text line, `PROXY TCP4 <src> <dst> <sport> <dport>\r\n`.
+    V1,
+    /// Version 2: a binary header (12-byte signature, addresses in binary).
+    V2,
+}
+
+impl ProxyVersion {
+    /// The header of this version for a client at `source` that connected
+    /// to `destination`.
+    pub fn encode(self, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+        match self {
+            ProxyVersion::V1 => encode_v1(source, destination),
+            ProxyVersion::V2 => encode_v2(source, destination),
+        }
+    }
+}
+
+impl fmt::Display for ProxyVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProxyVersion::V1 => "v1",
+            ProxyVersion::V2 => "v2",
+        })
+    }
+}
+
+impl std::str::FromStr for ProxyVersion {
+    type Err = String;
+
+    /// `v1` or `v2` (also `1` and `2`), as `--proxy-protocol` takes them.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "v1" | "1" => Ok(ProxyVersion::V1),
+            "v2" | "2" => Ok(ProxyVersion::V2),
+            _ => Err(format!(
+                "unknown PROXY protocol version {text:?} (use v1 or v2)"
+            )),
+        }
+    }
+}
+
 /// The first 12 bytes of every v2 header (section 2.2). It contains a NUL
 /// and a bare CR LF so that no text protocol can mistake it for its own.
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -144,14 +188,6 @@ impl Header {
     pub fn source(&self) -> Option<SocketAddr> {
         match self {
             Header::Proxied { source, .. } => Some(*source),
-            Header::Local => None,
-        }
-    }
-
-    /// The address the client connected to, if the header names one.
-    pub fn destination(&self) -> Option<SocketAddr> {
-        match self {
-            Header::Proxied { destination, .. } => Some(*destination),
             Header::Local => None,
         }
     }

@@ -37,6 +37,7 @@ use crate::auth::DialToken;
 use crate::client::{Client, Event, Failure, Registration};
 use crate::config::Secret;
 use crate::protocol::token_line;
+use crate::proxy_protocol::{self, ProxyVersion};
 
 /// How long connecting, registering and each dial-in may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,9 +45,10 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// An app registered with a relay; clients arrive through
 /// [`accept`](RelayedApp::accept) or [`incoming`](RelayedApp::incoming).
 pub struct RelayedApp {
-    control: Mutex<Control>, // the registration connection, read by accept()
-    relay: SocketAddr,       // the relay's address; dial-ins go to its IP
-    relayed_port: u16,       // the public port the relay opened for us
+    control: Mutex<Control>,     // the registration connection, read by accept()
+    relay: SocketAddr,           // the relay's address; dial-ins go to its IP
+    relayed_port: u16,           // the public port the relay opened for us
+    proxy: Option<ProxyVersion>, // every dial-in begins with a PROXY header
 }
 
 /// The control connection and what has been read from it but not yet used.
@@ -107,6 +109,12 @@ pub struct RegisterOptions {
     /// 10 s). A relay that answers too slowly, even byte by byte, fails the
     /// registration with `TimedOut`.
     pub timeout: Option<Duration>,
+    /// Ask the relay to begin every dial-in with a PROXY protocol header
+    /// naming its client (the `proxy` extension). [`RelayedApp::accept`]
+    /// then reads and removes it, and [`RelayedApp::accept_client`] also
+    /// gives the client's address. Registration fails if the relay does not
+    /// answer the request.
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 /// What failing to register (or, with a garbled line, to go on) gives.
@@ -192,6 +200,7 @@ impl RelayedApp {
             secret: options.secret.clone(),
             port: options.port,
             ready: 0,
+            proxy: options.proxy_protocol,
         };
         let mut control = Control {
             stream,
@@ -221,6 +230,7 @@ impl RelayedApp {
             control: Mutex::new(control),
             relay,
             relayed_port,
+            proxy: options.proxy_protocol,
         })
     }
 
@@ -238,8 +248,31 @@ impl RelayedApp {
     /// Waits for the next client and returns its stream (a fresh dial-in to
     /// the relay, piped to that client). Fails for this client only if its
     /// dial-in cannot be made; once the relay has closed the control
-    /// connection, every call fails with `ConnectionAborted`.
+    /// connection, every call fails with `ConnectionAborted`. With
+    /// [`RegisterOptions::proxy_protocol`], the PROXY header is read and
+    /// removed first (see [`accept_client`](Self::accept_client) for the
+    /// address it names).
     pub fn accept(&self) -> io::Result<TcpStream> {
+        self.accept_client().map(RelayedStream::into_stream)
+    }
+
+    /// As [`accept`](Self::accept), and with the client's address when the
+    /// relay names it (the `proxy` extension, asked for with
+    /// [`RegisterOptions::proxy_protocol`]).
+    pub fn accept_client(&self) -> io::Result<RelayedStream> {
+        let mut stream = self.accept_dial_in()?;
+        let client_addr = match self.proxy {
+            Some(_) => read_client_addr(&mut stream)?,
+            None => None,
+        };
+        Ok(RelayedStream {
+            stream,
+            client_addr,
+        })
+    }
+
+    /// The next client's dial-in, made.
+    fn accept_dial_in(&self) -> io::Result<TcpStream> {
         let mut control = self
             .control
             .lock()
@@ -286,6 +319,68 @@ impl RelayedApp {
             app: self,
             done: false,
         }
+    }
+}
+
+/// Reads the PROXY header that begins a dial-in (and nothing after it), under
+/// the dial-in timeout; returns the client's address it names (none for a
+/// `LOCAL` or `UNKNOWN` header).
+fn read_client_addr(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let header = proxy_protocol::read_header(stream)?;
+    stream.set_read_timeout(None)?;
+    Ok(header.source())
+}
+
+/// A client's stream from [`RelayedApp::accept_client`], with the client's
+/// address when the relay named it. Reads and writes go to the stream; it
+/// dereferences to the [`TcpStream`] for everything else.
+#[derive(Debug)]
+pub struct RelayedStream {
+    stream: TcpStream,               // the dial-in, piped to the client
+    client_addr: Option<SocketAddr>, // from the PROXY header, if any
+}
+
+impl RelayedStream {
+    /// The client's address as the relay saw it (or as a balancer in front
+    /// of the relay told it), if the relay sent a PROXY header naming one.
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        self.client_addr
+    }
+
+    /// The plain stream.
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+}
+
+impl std::ops::Deref for RelayedStream {
+    type Target = TcpStream;
+
+    fn deref(&self) -> &TcpStream {
+        &self.stream
+    }
+}
+
+impl std::ops::DerefMut for RelayedStream {
+    fn deref_mut(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+impl Read for RelayedStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.stream.read(buf)
+    }
+}
+
+impl Write for RelayedStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 

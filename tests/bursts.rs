@@ -54,6 +54,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         reconnect: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
+        proxy_protocol: None,
     }
 }
 
@@ -304,6 +305,7 @@ fn the_agent_serves_at_most_max_clients_and_the_rest_wait_in_order() {
     let relay = start_relay();
     let agent = start_agent(AgentConfig {
         max_clients: Some(2),
+        proxy_protocol: None,
         ..agent_config(relay.reg_addr(), local_service(echo))
     });
     let public = local(agent.relayed_port());

@@ -71,6 +71,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         reconnect: true,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
+        proxy_protocol: None,
     }
 }
 

@@ -50,7 +50,12 @@ impl LinkConn {
     /// Why registering took too long, for the log line.
     pub(super) fn registration_timed_out(&self) -> String {
         match self.client.phase() {
-            Phase::Registering { seen } if seen > 0 => {
+            Phase::Registering { proxy: false, .. } => {
+                "the relay did not answer the PROXY protocol request \
+                 (does it support --proxy-protocol?)"
+                    .into()
+            }
+            Phase::Registering { seen, .. } if seen > 0 => {
                 "the relay did not answer the port request (does it support --port?)".into()
             }
             _ => "the relay did not register us in time".into(),
@@ -126,6 +131,7 @@ impl AgentCore {
             secret: self.config.secret.clone(),
             port: self.config.port,
             ready: self.config.ready,
+            proxy: self.config.proxy_protocol,
         };
         self.table.transition(id, |conn| match conn {
             AgentConn::Connecting(link, stream) => {

@@ -33,6 +33,7 @@ use std::thread;
 use std::time::Duration;
 
 use crate::config::Secret;
+use crate::proxy_protocol::ProxyVersion;
 use crate::reactor::{Reactor, Stopper};
 
 use self::core::AgentCore;
@@ -80,6 +81,12 @@ pub struct AgentConfig {
     /// for those that wait too long. `None`: sized from the descriptor
     /// limit (see [`AgentConfig::default_max_clients`]).
     pub max_clients: Option<usize>,
+    /// Ask the relay to begin every dial-in with a PROXY protocol header
+    /// naming the client (the `proxy` extension). The agent passes it to the
+    /// local service untouched, so the service must expect it (nginx
+    /// `listen … proxy_protocol`, HAProxy `accept-proxy`). Registration
+    /// fails if the relay does not answer the request.
+    pub proxy_protocol: Option<ProxyVersion>,
 }
 
 impl AgentConfig {
@@ -260,6 +267,7 @@ impl EchoApp {
             reconnect: false,
             connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
             max_clients: None,
+            proxy_protocol: None,
         })?;
         let relayed_port = agent.register()?;
         Ok(EchoApp {

@@ -37,6 +37,7 @@ impl Harness {
             reconnect: true,
             connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
             max_clients: None,
+            proxy_protocol: None,
         };
         tweak(&mut config);
         let poll = Poll::new().expect("a poll");

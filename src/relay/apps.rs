@@ -165,17 +165,26 @@ impl RelayCore {
         }
     }
 
-    /// Acts on what the app asked for since the last time (`port`, `ready`).
+    /// Acts on what the app asked for since the last time (`port`, `ready`,
+    /// `proxy`).
     fn answer_requests(&mut self, id: Id, now: Instant) {
         let Some(app) = self.app_mut(id) else {
             return;
         };
-        let (port, ready) = (app.requests.port.take(), app.requests.ready.take());
+        let requests = &mut app.requests;
+        let (port, ready, proxy) = (
+            requests.port.take(),
+            requests.ready.take(),
+            requests.proxy.take(),
+        );
         if let Some(request) = port {
             self.answer_port_request(id, request);
         }
         if let Some(request) = ready {
             self.answer_ready(id, request, now);
+        }
+        if let Some(request) = proxy {
+            self.answer_proxy_request(id, request);
         }
     }
 

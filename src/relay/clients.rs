@@ -22,18 +22,30 @@ use crate::table::Id;
 pub(super) const DIAL_LINE_ROOM: usize = 80;
 
 impl RelayCore {
-    /// A client on an app's relayed port: handed a ready dial-in if the app
-    /// keeps some, else queued for a dial-in of its own.
+    /// A client on an app's relayed port. One from a balancer the relay
+    /// trusts first says who the client really is (the `proxy` extension).
+    pub(super) fn on_client(&mut self, app: Id, stream: TcpStream, peer: SocketAddr, now: Instant) {
+        if self.is_trusted_balancer(peer) {
+            return self.unwrap(app, stream, peer, now);
+        }
+        self.admit_client(app, stream, peer, now);
+    }
+
+    /// A client at `peer`: handed a ready dial-in if the app keeps some,
+    /// else queued for a dial-in of its own.
     pub(super) fn admit_client(
         &mut self,
         app: Id,
-        stream: TcpStream,
+        mut stream: TcpStream,
         peer: SocketAddr,
         now: Instant,
     ) {
         no_delay(&stream);
-        if let Some(spare) = self.live_spare(app, now) {
-            return self.hand_spare(app, spare, stream, peer, now);
+        while let Some(spare) = self.live_spare(app, now) {
+            match self.hand_spare(app, spare, stream, peer, now) {
+                Ok(()) => return,
+                Err(back) => stream = back, // that one was dead: the next
+            }
         }
         if !self.may_wait(app) {
             return reset_on_close(&stream);
@@ -253,6 +265,10 @@ impl RelayCore {
     /// A dial-in that presented a token is already registered (under its
     /// own entry's token) and moves to the client's.
     pub(super) fn pair(&mut self, id: Id, mut dial_in: TcpStream, registered: bool, now: Instant) {
+        if !self.send_proxy_header(id, &dial_in) {
+            log::debug!("dial-in lost before its PROXY header");
+            return self.close(id, Ending::Reset);
+        }
         let interest = Interest::READABLE | Interest::WRITABLE;
         let registry = self.table.registry();
         let moved = if registered {
@@ -275,6 +291,18 @@ impl RelayCore {
             other => other,
         });
         self.pump(id, now);
+    }
+
+    /// Begins a dial-in with the PROXY header naming waiting client `id`,
+    /// if its app asked for headers; whether the dial-in is still good.
+    fn send_proxy_header(&self, id: Id, dial_in: &TcpStream) -> bool {
+        let Some(RelayConn::AwaitingDialIn(waiting)) = self.table.get(id) else {
+            return true;
+        };
+        match self.proxy_header(waiting.app, &waiting.client.stream, waiting.peer) {
+            Some(header) => super::proxy::send_header(dial_in, &header),
+            None => true,
+        }
     }
 
     /// Moves a pipe's bytes, and acts on what the pump says: requeue it if

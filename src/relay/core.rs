@@ -17,7 +17,7 @@ use mio::{Registry, Token};
 use super::Stats;
 use super::state::{
     APPLICANTS, APPS, App, CLIENT, CONTROL, DIAL, Ending, PIPES, PRESENTING, RELAYED, RelayConn,
-    SPARES, WAITING,
+    SPARES, UNWRAPPING, WAITING,
 };
 use crate::config::Config;
 use crate::pool::BufferPool;
@@ -163,7 +163,7 @@ impl RelayCore {
         let census = self.table.census();
         let stats = Stats {
             apps: census.count(APPS),
-            pending: census.count(APPLICANTS) + census.count(PRESENTING),
+            pending: census.count(APPLICANTS) + census.count(PRESENTING) + census.count(UNWRAPPING),
             ready_dial_ins: census.count(SPARES),
             waiting_clients: census.count(WAITING),
             pipes: census.count(PIPES),
@@ -207,7 +207,7 @@ impl RelayCore {
             RelayConn::Piping(piped) if sub == CLIENT => piped.pipe.a.note(event),
             RelayConn::Piping(piped) => piped.pipe.b.note(event),
             RelayConn::Authenticating(applicant) => applicant.control.note(event),
-            RelayConn::Presenting(_) => {}
+            RelayConn::Presenting(_) | RelayConn::Unwrapping(_) => {}
             // A ready dial-in: readable means data from the app, or its end.
             RelayConn::Standby(spare) => {
                 spare.rx.note(event);
@@ -240,6 +240,7 @@ impl RelayCore {
             RelayConn::Authenticating(_) => self.serve_applicant(id, now),
             RelayConn::Presenting(_) => self.read_token(id, now),
             RelayConn::Standby(_) => self.check_spare(id, now),
+            RelayConn::Unwrapping(_) => self.read_proxy_header(id, now),
             RelayConn::Vacant => {}
         }
     }
@@ -253,11 +254,12 @@ impl RelayCore {
                 Some(RelayConn::Piping(_)) => self.check_idle(id, now),
                 Some(RelayConn::App(_)) => self.app_due(id, now),
                 // A client without its dial-in, an app without its answer,
-                // a dial-in without its token.
+                // a dial-in without its token, a client without its header.
                 Some(
                     RelayConn::AwaitingDialIn(_)
                     | RelayConn::Authenticating(_)
-                    | RelayConn::Presenting(_),
+                    | RelayConn::Presenting(_)
+                    | RelayConn::Unwrapping(_),
                 ) => self.close(id, Ending::TimedOut),
                 Some(RelayConn::Standby(_) | RelayConn::Vacant) | None => {} // never armed
             }
@@ -335,7 +337,7 @@ impl RelayCore {
             return self.admit_app(stream, peer, now);
         }
         match self.table.resolve(listener) {
-            Some((app, RELAYED)) => self.admit_client(app, stream, peer, now),
+            Some((app, RELAYED)) => self.on_client(app, stream, peer, now),
             Some((app, DIAL)) => self.admit_dial_in(app, stream, peer, now),
             _ => {}
         }
@@ -439,6 +441,7 @@ impl RelayCore {
                 RelayConn::Standby(mut spare) => {
                     reactor::forget(self.table.registry(), &mut spare.stream);
                 }
+                RelayConn::Unwrapping(unwrap) => self.retire_unwrap(unwrap),
                 RelayConn::Vacant => {}
             }
         }

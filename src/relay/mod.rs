@@ -12,13 +12,15 @@
 //! The extensions each live in a file of their own, so removing one is
 //! deleting that file and the few match arms that name its states:
 //! `auth` (the secret: challenge and dial-in tokens), `ready` (ready
-//! dial-ins), `port` (a relayed port asked for).
+//! dial-ins), `port` (a relayed port asked for), `proxy` (clients' real
+//! addresses: PROXY protocol headers to apps, and from balancers).
 
 mod apps;
 mod auth;
 mod clients;
 mod core;
 mod port;
+mod proxy;
 mod ready;
 mod state;
 #[cfg(test)]

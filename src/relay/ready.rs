@@ -233,6 +233,8 @@ impl RelayCore {
     /// the ready dial-in's entry (Standby => Piping), so nothing is
     /// re-registered; the pipe is on trial until the app answers; then a
     /// replacement is asked for.
+    /// Gives the client back if that ready dial-in turns out dead (its
+    /// PROXY header could not be written), to try the next.
     pub(super) fn hand_spare(
         &mut self,
         app_id: Id,
@@ -240,18 +242,24 @@ impl RelayCore {
         mut client: TcpStream,
         peer: SocketAddr,
         now: Instant,
-    ) {
+    ) -> Result<(), TcpStream> {
         if !self.has_room(1) {
-            return reset_on_close(&client);
+            reset_on_close(&client);
+            return Ok(());
+        }
+        if !self.spare_takes_header(app_id, spare, &client, peer) {
+            if let Some(app) = self.app_mut(app_id) {
+                app.ready.spares.retain(|&k| k != spare);
+            }
+            self.spare_died(spare, now);
+            return Err(client);
         }
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self
-            .table
-            .registry()
-            .register(&mut client, spare.token(CLIENT), interest)
-        {
+        let registry = self.table.registry();
+        if let Err(e) = registry.register(&mut client, spare.token(CLIENT), interest) {
             reset_on_close(&client);
-            return log::warn!("client {peer} dropped: cannot register: {e}");
+            log::warn!("client {peer} dropped: cannot register: {e}");
+            return Ok(());
         }
         if let Some(app) = self.app_mut(app_id) {
             app.ready.spares.retain(|&k| k != spare);
@@ -269,6 +277,19 @@ impl RelayCore {
         self.pump(spare, now);
         self.top_up(app_id, now);
         self.flush_later(app_id);
+        Ok(())
+    }
+
+    /// Begins a ready dial-in with the PROXY header naming its client, if
+    /// its app asked for headers; whether the dial-in is still good.
+    fn spare_takes_header(&self, app: Id, spare: Id, client: &TcpStream, peer: SocketAddr) -> bool {
+        let Some(RelayConn::Standby(ready)) = self.table.get(spare) else {
+            return false;
+        };
+        match self.proxy_header(app, client, peer) {
+            Some(header) => super::proxy::send_header(&ready.stream, &header),
+            None => true,
+        }
     }
 
     /// A ready dial-in became readable: data a server-first app sent (kept

@@ -15,7 +15,9 @@
 //! With a secret (`auth`): `Authenticating ─(right answer)─► App`, and a
 //! dial-in is `Presenting` its token until it joins its client's entry.
 //! With ready dial-ins (`ready`): a dial-in waits in `Standby` until a
-//! client joins its entry (`Standby ─► Piping`).
+//! client joins its entry (`Standby ─► Piping`). From a trusted balancer
+//! (`proxy`): a client is `Unwrapping` until its PROXY header is read, then
+//! admitted as if it had connected itself.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -27,11 +29,13 @@ use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
 use super::auth::{Applicant, Presenter};
+use super::proxy::Unwrap;
 use super::ready::{ReadyPool, Spare};
 use crate::auth::DialToken;
 use crate::buffer::Buffer;
 use crate::pipe::{Endpoint, Flow, Pipe};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
+use crate::proxy_protocol::ProxyVersion;
 use crate::sockio::{Io, read_slice, write_slice};
 use crate::table::{Id, State};
 
@@ -59,6 +63,9 @@ pub(super) enum RelayConn {
     Presenting(Presenter),
     /// (`ready`) A dial-in kept ready for the next client.
     Standby(Spare),
+    /// (`proxy`) A client from a trusted balancer, its PROXY header (which
+    /// names the real client) not read yet.
+    Unwrapping(Unwrap),
     /// Placeholder for the instant of a transition; never seen by a handler.
     Vacant,
 }
@@ -70,10 +77,11 @@ pub(super) const PIPES: usize = 2;
 pub(super) const APPLICANTS: usize = 3;
 pub(super) const PRESENTING: usize = 4;
 pub(super) const SPARES: usize = 5;
+pub(super) const UNWRAPPING: usize = 6;
 
 impl State for RelayConn {
     type Ending = Ending;
-    const KINDS: usize = 6;
+    const KINDS: usize = 7;
 
     fn placeholder() -> Self {
         RelayConn::Vacant
@@ -87,6 +95,7 @@ impl State for RelayConn {
             RelayConn::Authenticating(_) => "Authenticating",
             RelayConn::Presenting(_) => "Presenting",
             RelayConn::Standby(_) => "Standby",
+            RelayConn::Unwrapping(_) => "Unwrapping",
             RelayConn::Vacant => "Vacant",
         }
     }
@@ -99,6 +108,7 @@ impl State for RelayConn {
             RelayConn::Authenticating(_) => Some(APPLICANTS),
             RelayConn::Presenting(_) => Some(PRESENTING),
             RelayConn::Standby(_) => Some(SPARES),
+            RelayConn::Unwrapping(_) => Some(UNWRAPPING),
             RelayConn::Vacant => None,
         }
     }
@@ -112,7 +122,8 @@ impl State for RelayConn {
             | RelayConn::AwaitingDialIn(_)
             | RelayConn::Authenticating(_)
             | RelayConn::Presenting(_)
-            | RelayConn::Standby(_) => 1,
+            | RelayConn::Standby(_)
+            | RelayConn::Unwrapping(_) => 1,
         }
     }
 }
@@ -250,6 +261,7 @@ pub(super) struct App {
     pub(super) requests: Requests,      // what the app asked for, not yet acted on
     pub(super) presenting: usize,       // (auth) its dial-ins presenting their token
     pub(super) ready: ReadyPool,        // (ready) its ready dial-ins
+    pub(super) proxy: Option<ProxyVersion>, // (proxy) the header its dial-ins begin with
 }
 
 impl App {
@@ -272,6 +284,7 @@ impl App {
             requests: Requests::default(),
             presenting: 0,
             ready: ReadyPool::default(),
+            proxy: None,
         }
     }
 
@@ -315,12 +328,13 @@ impl App {
 }
 
 /// Requests an app made and the relay has not acted on yet. The original
-/// protocol has no app-to-relay lines; the extensions are `port` and
-/// `ready`. Other lines are counted and ignored (the first is logged).
+/// protocol has no app-to-relay lines; the extensions are `port`, `ready`
+/// and `proxy`. Other lines are counted and ignored (the first is logged).
 #[derive(Default)]
 pub(super) struct Requests {
     pub(super) port: Option<Result<u16, ProtocolError>>, // `port N` (the last one wins)
     pub(super) ready: Option<Result<usize, ProtocolError>>, // `ready N` (the last one wins)
+    pub(super) proxy: Option<Result<ProxyVersion, ProtocolError>>, // `proxy vN` (the last one wins)
     ignored: u64,                                        // lines this relay does not know
 }
 
@@ -330,8 +344,10 @@ impl Requests {
         match parse_app_line(line) {
             Ok(AppLine::Port(port)) => self.port = Some(Ok(port)),
             Ok(AppLine::Ready(n)) => self.ready = Some(Ok(n)),
+            Ok(AppLine::Proxy(version)) => self.proxy = Some(Ok(version)),
             Err(e) if line.starts_with("port ") => self.port = Some(Err(e)),
             Err(e) if line.starts_with("ready ") => self.ready = Some(Err(e)),
+            Err(e) if line.starts_with("proxy ") => self.proxy = Some(Err(e)),
             Ok(AppLine::Auth(_) | AppLine::Other) | Err(_) => {
                 if self.ignored == 0 {
                     log::info!(

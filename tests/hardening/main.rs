@@ -104,6 +104,7 @@ pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
         splice: false,
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
+        proxy_protocol: None,
     })
     .expect("create the agent")
 }
