@@ -4,10 +4,13 @@
 //! `LoadCredential=` provides, or from `--secret-file`.
 //!
 //! Tests that need `systemd-analyze` follow the project's tool policy
-//! ([`tool_installed`]): skipped with a line on stderr on a machine without
+//! (`tests/common/tools.rs`): skipped with a line on stderr on a machine without
 //! it, failed where tools are required (CI).
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "common/tools.rs"]
+mod tools;
+
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -52,37 +55,8 @@ const UNITS: [(&str, &str); 2] = [
 /// How long a process may take to say what a test waits for.
 const WAIT: Duration = Duration::from_secs(10);
 
-// ---------------------------------------------------------------------------
-// Tool policy
-
-/// Whether `tool` can be run. When it cannot: fails the test if tools are
-/// required (`CI` set, or `TCP_RELAY_REQUIRE_TOOLS=1`), so CI never skips;
-/// otherwise prints `SKIPPED: <tool> not installed (<install>)` to stderr
-/// and returns false, so `cargo test` passes on a fresh machine.
-fn tool_installed(tool: &str, install: &str) -> bool {
-    match Command::new(tool).arg("--version").output() {
-        Ok(_) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let required = std::env::var_os("CI").is_some()
-                || std::env::var("TCP_RELAY_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-            assert!(
-                !required,
-                "{tool} not installed ({install}), and tools are required here"
-            );
-            // Straight to stderr: the test harness captures `eprintln!`
-            // of passing tests, and this line is for the person running them.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: {tool} not installed ({install})"
-            );
-            false
-        }
-        Err(e) => panic!("cannot run {tool}: {e}"),
-    }
-}
-
 fn systemd_analyze_installed() -> bool {
-    tool_installed("systemd-analyze", "apt-get install systemd")
+    tools::tool("systemd-analyze", "apt-get install systemd").is_some()
 }
 
 // ---------------------------------------------------------------------------

@@ -290,3 +290,43 @@ fn dial_lines_beyond_max_clients_wait_their_turn() {
     });
     let _second = dial.accept().expect("the second dial-in");
 }
+
+/// With `proxy_protocol`, registration waits for the relay's `proxy`
+/// answer; a relay that ignores the request (an old one) is left at the
+/// registration deadline instead of leaving the local service to choke on
+/// dial-ins without headers.
+#[test]
+fn a_proxy_request_registers_only_once_answered() {
+    use crate::ProxyVersion;
+    let relay = FakeRelay::new();
+    let mut h = Harness::new(relay.addr(), Service::Echo, |c| {
+        c.proxy_protocol = Some(ProxyVersion::V2);
+    });
+    h.until("registering", |s| s == ["Registering"]);
+    let (mut control, mut lines) = relay.accept();
+    control
+        .write_all(b"established relay address port:4242\n")
+        .expect("established");
+    h.turn_at(Instant::now());
+    let mut asked = String::new();
+    std::io::BufRead::read_line(&mut lines, &mut asked).expect("the request");
+    assert_eq!(asked, "proxy v2\n");
+    h.turn_at(Instant::now());
+    assert_eq!(h.states(), ["Registering"], "not without the answer");
+    control.write_all(b"proxy v2\n").expect("answer");
+    h.until("registered", |s| s == ["Registered"]);
+    assert_eq!(h.core.relayed_port(), Some(4242));
+
+    let relay = FakeRelay::new();
+    let mut h = Harness::new(relay.addr(), Service::Echo, |c| {
+        c.proxy_protocol = Some(ProxyVersion::V1);
+    });
+    h.until("registering", |s| s == ["Registering"]);
+    let (mut control, _) = relay.accept();
+    control
+        .write_all(b"established relay address port:4242\n")
+        .expect("established, and nothing more: an old relay");
+    h.turn_at(Instant::now());
+    h.turn_at(Instant::now() + Duration::from_secs(11));
+    assert_eq!(h.states(), ["Reconnecting"]);
+}

@@ -180,11 +180,12 @@ impl RelayCore {
         if let Some(request) = port {
             self.answer_port_request(id, request);
         }
-        if let Some(request) = ready {
-            self.answer_ready(id, request, now);
-        }
+        // Before `ready`: the ready dial-ins it asks for begin with headers.
         if let Some(request) = proxy {
             self.answer_proxy_request(id, request);
+        }
+        if let Some(request) = ready {
+            self.answer_ready(id, request, now);
         }
     }
 

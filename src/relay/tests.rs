@@ -483,3 +483,124 @@ fn a_port_request_moves_the_app_or_closes_it() {
         format!("error port {wanted} is taken\n")
     );
 }
+
+// ---- the `proxy` extension -----------------------------------------------
+
+/// A PROXY header read from a stream, byte-exact; its source address.
+fn header_source(stream: &mut TcpStream) -> SocketAddr {
+    let header = crate::proxy_protocol::read_header(stream).expect("a PROXY header");
+    header.source().expect("a header naming the client")
+}
+
+/// An app asking for `proxy vN` is told yes, and each of its dial-ins then
+/// begins with a header naming its client, before any client byte.
+#[test]
+fn an_app_asking_for_proxy_headers_gets_one_on_each_dial_in() {
+    for version in ["v1", "v2"] {
+        let mut h = Harness::new(|_| {});
+        let (mut control, mut lines, port) = h.app();
+        control
+            .write_all(format!("proxy {version}\n").as_bytes())
+            .expect("ask");
+        h.until("answered", |_| true);
+        h.turn_at(Instant::now());
+        assert_eq!(line(&mut lines), format!("proxy {version}\n"));
+        let mut client = connect(local(port));
+        client.write_all(b"hello").expect("client writes");
+        h.until("the client waiting", |s| s.contains(&"AwaitingDialIn"));
+        let mut dial_in = connect(local(dial_line(&mut lines).0));
+        h.until("the pipe", |s| s.contains(&"Piping"));
+        let source = header_source(&mut dial_in);
+        assert_eq!(source, client.local_addr().expect("addr"), "{version}");
+        assert_eq!(read_n(&mut dial_in, 5), b"hello", "right after the header");
+    }
+}
+
+/// A ready dial-in handed a client gets the client's header first too.
+#[test]
+fn a_ready_dial_in_gets_the_header_of_the_client_it_is_handed() {
+    let mut h = Harness::new(|_| {});
+    let (mut control, mut lines, port) = h.app();
+    control.write_all(b"proxy v2\nready 1\n").expect("ask");
+    h.until("answered", |_| true);
+    assert_eq!(line(&mut lines), "proxy v2\n");
+    let mut spare = connect(local(dial_line(&mut lines).0));
+    h.until("one standing by", |s| s.contains(&"Standby"));
+    let mut client = connect(local(port));
+    client.write_all(b"x").expect("client writes");
+    h.until("piped", |s| s.contains(&"Piping"));
+    assert_eq!(
+        header_source(&mut spare),
+        client.local_addr().expect("addr")
+    );
+    assert_eq!(read_n(&mut spare, 1), b"x");
+}
+
+/// `proxy v3` is refused, and the app closed.
+#[test]
+fn a_bad_proxy_request_is_refused() {
+    let mut h = Harness::new(|_| {});
+    let (mut control, mut lines, _) = h.app();
+    control.write_all(b"proxy v3\n").expect("ask");
+    h.until("refused", <[&str]>::is_empty);
+    assert!(line(&mut lines).starts_with("error bad proxy request: "));
+}
+
+/// (none) => Unwrapping => AwaitingDialIn: a client from a trusted balancer
+/// is admitted under the address its header names, which is what the app's
+/// header then says; the client's bytes after the header are untouched.
+#[test]
+fn a_trusted_balancers_client_is_admitted_under_the_address_it_names() {
+    let mut h = Harness::new(|c| c.accept_proxy_from = Some("127.0.0.0/8".parse().expect("cidr")));
+    let (mut control, mut lines, port) = h.app();
+    control.write_all(b"proxy v1\n").expect("ask");
+    h.until("answered", |_| true);
+    assert_eq!(line(&mut lines), "proxy v1\n");
+    let mut balancer = connect(local(port));
+    h.until("unwrapping", |s| s.contains(&"Unwrapping"));
+    let real: SocketAddr = "198.51.100.7:4242".parse().expect("addr");
+    let header = crate::proxy_protocol::encode_v2(real, local(port));
+    balancer.write_all(&header).expect("header");
+    balancer.write_all(b"GET /").expect("data");
+    h.until("admitted", |s| s.contains(&"AwaitingDialIn"));
+    let mut dial_in = connect(local(dial_line(&mut lines).0));
+    h.until("the pipe", |s| s.contains(&"Piping"));
+    assert_eq!(header_source(&mut dial_in), real);
+    assert_eq!(read_n(&mut dial_in, 5), b"GET /");
+}
+
+/// Unwrapping => closed: garbage instead of a header is reset at once, and
+/// a trusted client that says nothing is closed at the registration
+/// deadline.
+#[test]
+fn a_trusted_client_without_a_valid_header_is_reset() {
+    let mut h = Harness::new(|c| c.accept_proxy_from = Some("127.0.0.1".parse().expect("cidr")));
+    let (_control, _lines, port) = h.app();
+    let mut garbage = connect(local(port));
+    let _silent = connect(local(port));
+    h.until("two unwrapping", |s| {
+        s.iter().filter(|&&n| n == "Unwrapping").count() == 2
+    });
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+    h.until("the garbage reset", |s| {
+        s.iter().filter(|&&n| n == "Unwrapping").count() == 1
+    });
+    assert!(ended_without_a_byte(&mut garbage));
+    h.turn_at(Instant::now() + Duration::from_secs(11));
+    assert_eq!(h.states(), ["App"]);
+}
+
+/// From a source not trusted, a header is client data: it reaches the
+/// dial-in as it was sent.
+#[test]
+fn a_header_from_an_untrusted_source_is_client_data() {
+    let mut h = Harness::new(|c| c.accept_proxy_from = Some("192.0.2.0/24".parse().expect("cidr")));
+    let (_control, mut lines, port) = h.app();
+    let mut client = connect(local(port));
+    let forged = b"PROXY TCP4 203.0.113.9 127.0.0.1 1 2\r\n";
+    client.write_all(forged).expect("write");
+    h.until("waiting", |s| s.contains(&"AwaitingDialIn"));
+    let mut dial_in = connect(local(dial_line(&mut lines).0));
+    h.until("the pipe", |s| s.contains(&"Piping"));
+    assert_eq!(read_n(&mut dial_in, forged.len()), forged);
+}

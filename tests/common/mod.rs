@@ -596,3 +596,5 @@ impl Pattern {
         }
     }
 }
+pub mod daemons;
+pub mod tools;
