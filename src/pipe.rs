@@ -16,16 +16,23 @@
 //! destination is full we simply stop reading its source; the source's flag
 //! stays set, and the moment the buffer drains reading resumes without waiting
 //! for an event that will never come (invariant *Backpressure*).
+//!
+//! Nothing here needs a real socket: an endpoint holds any [`Stream`]
+//! (mio's `TcpStream` by default) and learns from [`Readiness`], what an
+//! event says, so the tests beside this module drive every transition with
+//! scripted syscalls and scripted events.
 
 use std::io;
-use std::net::Shutdown;
 
 use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::buffer::Buffer;
 use crate::pool::BufferPool;
-use crate::sockio::{Io, reset_on_close};
+use crate::sockio::{Io, Stream};
+
+#[cfg(test)]
+mod tests;
 
 /// Read/write rounds one direction may run per pump before yielding, so one
 /// fast pair cannot starve every other socket (at 64 KiB rings: up to 1 MiB).
@@ -56,14 +63,39 @@ impl RxState {
         }
     }
 
-    /// Records what an event says. Closed and error flags are hints: they
-    /// mark the half ready so that the next syscall learns the truth.
-    pub fn note(&mut self, event: &Event) {
-        if event.is_readable() || event.is_read_closed() || event.is_error() {
+    /// Records what an event says (an `&Event`, or a [`Readiness`]).
+    /// Closed and error flags are hints: they mark the half ready so that
+    /// the next syscall learns the truth.
+    pub fn note(&mut self, event: impl Into<Readiness>) {
+        let said = event.into();
+        if said.readable || said.read_closed || said.error {
             self.readable = true;
         }
-        if event.is_read_closed() || event.is_error() {
+        if said.read_closed || said.error {
             self.ending = true;
+        }
+    }
+}
+
+/// What one event says about a socket: the flags of mio's [`Event`] that
+/// matter here. Apart from the poll, a test can state them itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Readiness {
+    pub readable: bool,     // there may be bytes to read
+    pub writable: bool,     // there may be room to write
+    pub read_closed: bool,  // hint: the peer shut its write half, or failed
+    pub write_closed: bool, // hint: our writes can no longer be delivered
+    pub error: bool,        // hint: the socket has a pending error
+}
+
+impl From<&Event> for Readiness {
+    fn from(event: &Event) -> Self {
+        Readiness {
+            readable: event.is_readable(),
+            writable: event.is_writable(),
+            read_closed: event.is_read_closed(),
+            write_closed: event.is_write_closed(),
+            error: event.is_error(),
         }
     }
 }
@@ -75,15 +107,16 @@ pub struct TxState {
     pub shut: bool,     // we shut our write half toward the peer
 }
 
-/// A connected socket and its software readiness.
-pub struct Endpoint {
-    pub stream: TcpStream,
+/// A connected socket (any [`Stream`]; in tests a script) and its software
+/// readiness.
+pub struct Endpoint<S = TcpStream> {
+    pub stream: S,
     pub rx: RxState,
     pub tx: TxState,
     error_hint: bool, // an event reported a socket error: check before pumping
 }
 
-impl Endpoint {
+impl<S: Stream> Endpoint<S> {
     /// Wraps a connected socket whose read half is as far as known: from the
     /// events the state it comes from noted, or [`RxState::registered`]. (A
     /// socket whose earlier events went unnoted would start `readable` and
@@ -92,7 +125,7 @@ impl Endpoint {
     /// starts out ready: a write that finds no room returns `WouldBlock` and
     /// clears the flag, which is cheaper and safer than trusting that the
     /// first edge has not been missed.
-    pub fn new(stream: TcpStream, rx: RxState) -> Self {
+    pub fn new(stream: S, rx: RxState) -> Self {
         Endpoint {
             stream,
             rx,
@@ -115,18 +148,21 @@ impl Endpoint {
         !matches!(self.stream.take_error(), Ok(None))
     }
 
-    /// Records what an event says about both halves (see [`RxState::note`]).
-    pub fn note(&mut self, event: &Event) {
-        self.rx.note(event);
-        self.error_hint |= event.is_error();
-        if event.is_writable() || event.is_write_closed() || event.is_error() {
+    /// Records what an event (an `&Event`, or a [`Readiness`]) says about
+    /// both halves (see [`RxState::note`]).
+    pub fn note(&mut self, event: impl Into<Readiness>) {
+        let said = event.into();
+        self.rx.note(said);
+        self.error_hint |= said.error;
+        if said.writable || said.write_closed || said.error {
             self.tx.writable = true;
         }
     }
 
-    /// Makes the coming close send RST instead of FIN ([`reset_on_close`]).
+    /// Makes the coming close send RST instead of FIN
+    /// ([`reset_on_close`](crate::sockio::reset_on_close)).
     pub fn abort_on_close(&self) {
-        reset_on_close(&self.stream);
+        self.stream.reset_on_close();
     }
 }
 
@@ -192,10 +228,10 @@ impl Direction {
     /// Moves bytes until nothing more can move or the budget is spent, then
     /// carries a half-close: once the source is at EOF and every buffered
     /// byte is written, the destination's write half is shut.
-    fn pump(
+    fn pump<S: Stream>(
         &mut self,
-        (src, rx): (&TcpStream, &mut RxState),
-        (dst, tx): (&TcpStream, &mut TxState),
+        (src, rx): (&S, &mut RxState),
+        (dst, tx): (&S, &mut TxState),
         pool: &mut BufferPool,
         last: bool,
     ) -> Result<Flow, (At, Broken)> {
@@ -227,9 +263,9 @@ impl Direction {
 
     /// One read into the buffer, if the source is readable and the buffer has
     /// room. Returns whether anything happened.
-    fn fill(
+    fn fill<S: Stream>(
         &mut self,
-        src: &TcpStream,
+        src: &S,
         rx: &mut RxState,
         pool: &mut BufferPool,
     ) -> Result<bool, Broken> {
@@ -278,7 +314,7 @@ impl Direction {
 
     /// One write from the buffer, if it holds unsent bytes and the
     /// destination is writable. Returns whether anything happened.
-    fn drain(&mut self, dst: &TcpStream, tx: &mut TxState) -> Result<bool, Broken> {
+    fn drain<S: Stream>(&mut self, dst: &S, tx: &mut TxState) -> Result<bool, Broken> {
         if self.unsent() == 0 || !tx.writable {
             return Ok(false);
         }
@@ -336,8 +372,9 @@ impl Direction {
     }
 }
 
-fn shut_write(stream: &TcpStream) -> Result<(), Broken> {
-    match stream.shutdown(Shutdown::Write) {
+/// Shuts `stream`'s write half: carries a FIN.
+fn shut_write<S: Stream>(stream: &S) -> Result<(), Broken> {
+    match stream.shutdown_write() {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Err(Broken::Reset),
         Err(e) => Err(Broken::Failed(e)),
@@ -353,24 +390,24 @@ enum Trial {
 
 /// Two sockets piped both ways. Finished when both write halves are shut,
 /// i.e. both peers ended their streams and every byte was delivered.
-pub struct Pipe {
-    pub a: Endpoint,   // the side that arrived first (the relay's client)
-    pub b: Endpoint,   // the side that joined it (the app's dial-in)
-    a_to_b: Direction, // bytes read from a, written to b
-    b_to_a: Direction, // bytes read from b, written to a
-    broken: bool,      // a pump failed: the pipe is dead for good
-    trial: bool,       // b has not sent a byte yet and may be swapped out
+pub struct Pipe<S = TcpStream> {
+    pub a: Endpoint<S>, // the side that arrived first (the relay's client)
+    pub b: Endpoint<S>, // the side that joined it (the app's dial-in)
+    a_to_b: Direction,  // bytes read from a, written to b
+    b_to_a: Direction,  // bytes read from b, written to a
+    broken: bool,       // a pump failed: the pipe is dead for good
+    trial: bool,        // b has not sent a byte yet and may be swapped out
 }
 
-impl Pipe {
+impl<S: Stream> Pipe<S> {
     /// Joins two endpoints; nothing moves until [`Pipe::pump`].
-    pub fn new(a: Endpoint, b: Endpoint) -> Self {
+    pub fn new(a: Endpoint<S>, b: Endpoint<S>) -> Self {
         Pipe::with_replay(a, b, None)
     }
 
     /// Joins two endpoints, with bytes `a` sent before (kept from a
     /// dial-in that was lost on trial) to be written to `b` first.
-    pub fn with_replay(a: Endpoint, b: Endpoint, replay: Option<Buffer>) -> Self {
+    pub fn with_replay(a: Endpoint<S>, b: Endpoint<S>, replay: Option<Buffer>) -> Self {
         Pipe {
             a,
             b,
@@ -388,7 +425,7 @@ impl Pipe {
     /// passing the end on, so the client can be given another dial-in with
     /// nothing lost. Keeping stops early if a ring's worth of bytes is
     /// written without an answer (then a loss is an ordinary failure).
-    pub fn on_trial(a: Endpoint, b: Endpoint) -> Self {
+    pub fn on_trial(a: Endpoint<S>, b: Endpoint<S>) -> Self {
         let mut pipe = Pipe::new(a, b);
         pipe.trial = true;
         pipe.a_to_b.keep = true;
@@ -499,7 +536,10 @@ impl Pipe {
     /// endpoint, the lost dial-in (set to close with RST), and every byte
     /// the client sent (kept, or not yet written), to be written to the
     /// next dial-in first.
-    pub fn into_replay(mut self, pool: &mut BufferPool) -> (Endpoint, Endpoint, Option<Buffer>) {
+    pub fn into_replay(
+        mut self,
+        pool: &mut BufferPool,
+    ) -> (Endpoint<S>, Endpoint<S>, Option<Buffer>) {
         self.b.abort_on_close();
         self.b_to_a.release(pool);
         let replay = self.a_to_b.buffer.take();
@@ -524,15 +564,15 @@ impl Pipe {
 /// One socket whose bytes are written back to it: the sample app's service.
 /// It runs on the same [`Direction`] as a pipe, from the socket's read half
 /// to its own write half, so it has the same backpressure and half-close.
-pub struct Echo {
-    pub end: Endpoint,
+pub struct Echo<S = TcpStream> {
+    pub end: Endpoint<S>,
     back: Direction,
     broken: bool, // a pump failed: sticky, as for a pipe
 }
 
-impl Echo {
+impl<S: Stream> Echo<S> {
     /// Echoes everything `end` sends.
-    pub fn new(end: Endpoint) -> Self {
+    pub fn new(end: Endpoint<S>) -> Self {
         Echo {
             end,
             back: Direction::default(),

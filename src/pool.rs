@@ -8,17 +8,20 @@
 //! reuse up to `max_idle`, so a busy relay does not allocate per read, and a
 //! burst that needed many buffers gives the memory back once it is over.
 
-use crate::buffer::{Buffer, KernelPipe};
+use crate::buffer::Buffer;
+#[cfg(target_os = "linux")]
+use crate::buffer::KernelPipe;
 use crate::ring::RingBuffer;
 
 /// A free list of equally sized buffers: rings, or kernel pipes for splice.
 pub struct BufferPool {
     free_rings: Vec<RingBuffer>, // empty rings ready to lend
+    #[cfg(target_os = "linux")]
     free_pipes: Vec<KernelPipe>, // empty kernel pipes ready to lend
     buffer_size: usize,          // capacity of every buffer this pool lends
     max_idle: usize,             // most buffers of each kind kept free
     lent: usize,                 // buffers currently held by directions
-    splice: bool,                // lend kernel pipes (falling back to rings)
+    splice: bool,                // lend kernel pipes (Linux; falling back to rings)
 }
 
 impl BufferPool {
@@ -27,6 +30,7 @@ impl BufferPool {
     pub fn new(buffer_size: usize, max_idle: usize) -> Self {
         BufferPool {
             free_rings: Vec::new(),
+            #[cfg(target_os = "linux")]
             free_pipes: Vec::new(),
             buffer_size,
             max_idle,
@@ -35,8 +39,9 @@ impl BufferPool {
         }
     }
 
-    /// Lends kernel pipes for `splice(2)` instead of rings (Linux). When a
-    /// pipe cannot be made (out of descriptors), a ring is lent instead.
+    /// Lends kernel pipes for `splice(2)` instead of rings, on Linux (a
+    /// no-op elsewhere: there is no `splice`). When a pipe cannot be made
+    /// (out of descriptors), a ring is lent instead.
     pub fn with_splice(mut self, splice: bool) -> Self {
         self.splice = splice && cfg!(target_os = "linux");
         self
@@ -46,21 +51,33 @@ impl BufferPool {
     /// splices and the caller expects `bulk` traffic, else a ring.
     pub fn take(&mut self, bulk: bool) -> Buffer {
         self.lent += 1;
-        if self.splice && bulk {
-            let pipe = self
-                .free_pipes
-                .pop()
-                .map(Ok)
-                .unwrap_or_else(|| KernelPipe::new(self.buffer_size));
-            if let Ok(pipe) = pipe {
-                return Buffer::Kernel(pipe);
-            }
+        if self.splice
+            && bulk
+            && let Some(pipe) = self.take_pipe()
+        {
+            return pipe;
         }
         Buffer::Ring(
             self.free_rings
                 .pop()
                 .unwrap_or_else(|| RingBuffer::new(self.buffer_size)),
         )
+    }
+
+    /// A free kernel pipe, or a new one if it can be made.
+    #[cfg(target_os = "linux")]
+    fn take_pipe(&mut self) -> Option<Buffer> {
+        let pipe = match self.free_pipes.pop() {
+            Some(pipe) => pipe,
+            None => KernelPipe::new(self.buffer_size).ok()?,
+        };
+        Some(Buffer::Kernel(pipe))
+    }
+
+    /// No kernel pipes without `splice` (and `splice` is never set here).
+    #[cfg(not(target_os = "linux"))]
+    fn take_pipe(&mut self) -> Option<Buffer> {
+        None
     }
 
     /// Takes a buffer back. A ring's contents are discarded; a kernel pipe
@@ -72,6 +89,7 @@ impl BufferPool {
                 ring.clear();
                 self.free_rings.push(ring);
             }
+            #[cfg(target_os = "linux")]
             Buffer::Kernel(pipe) if pipe.is_empty() && self.free_pipes.len() < self.max_idle => {
                 self.free_pipes.push(pipe);
             }
@@ -91,6 +109,8 @@ mod tests {
     use crate::buffer::Buffer;
 
     #[test]
+    // Without kernel pipes (off Linux) a buffer is always a ring.
+    #[cfg_attr(not(target_os = "linux"), allow(irrefutable_let_patterns))]
     fn reuses_returned_rings_and_counts_loans() {
         let mut pool = BufferPool::new(8, 1);
         let mut a = pool.take(false);

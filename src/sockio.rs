@@ -5,10 +5,84 @@
 //! never seen above. A reset, an abort or a broken pipe is the peer going
 //! away, an ordinary event for a relay, so it is [`Io::Reset`] and is not
 //! logged as an error; only the remaining kinds are [`Io::Failed`].
+//!
+//! Code that moves bytes sees a socket as a [`Stream`], which tests replace
+//! with a script (`sockio::script`) that plays `WouldBlock`, short reads,
+//! EOF and resets in order, as smoltcp's device traits let its stack run
+//! over a scripted device.
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::net::Shutdown;
+#[cfg(target_os = "linux")]
+use std::os::fd::{AsRawFd, RawFd};
+
+use mio::net::TcpStream;
 
 use crate::ring::RingBuffer;
+
+#[cfg(test)]
+pub(crate) mod script;
+
+/// A connected, non-blocking byte stream, as the code that moves bytes
+/// ([`pipe`](crate::pipe), [`buffer`](crate::buffer)) sees it. Implemented
+/// by mio's [`TcpStream`], and in tests by a script. That code is generic
+/// over it, never `dyn`: a socket's path compiles to the same direct calls
+/// as if it named `TcpStream`.
+pub trait Stream {
+    /// What reads and writes go through. For a socket it is `&TcpStream`,
+    /// which reads and writes through a shared reference, as the kernel
+    /// allows: a direction holds its source and destination by shared
+    /// reference, and an echo's are one socket.
+    type Io<'a>: Read + Write
+    where
+        Self: 'a;
+
+    /// A reader and writer of this stream.
+    fn io(&self) -> Self::Io<'_>;
+
+    /// Shuts the write half: the peer reads EOF after every byte sent.
+    fn shutdown_write(&self) -> io::Result<()>;
+
+    /// Takes the pending socket error (`SO_ERROR`), if any.
+    fn take_error(&self) -> io::Result<Option<io::Error>>;
+
+    /// Makes the coming close send RST instead of FIN ([`reset_on_close`]).
+    fn reset_on_close(&self);
+
+    /// The descriptor `splice(2)` moves bytes from or to, or `None` for a
+    /// stream that is not a socket (a script), which only rings can serve.
+    #[cfg(target_os = "linux")]
+    fn splice_fd(&self) -> Option<RawFd>;
+}
+
+impl Stream for TcpStream {
+    type Io<'a> = &'a TcpStream;
+
+    #[inline]
+    fn io(&self) -> &TcpStream {
+        self
+    }
+
+    #[inline]
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+
+    #[inline]
+    fn take_error(&self) -> io::Result<Option<io::Error>> {
+        TcpStream::take_error(self)
+    }
+
+    fn reset_on_close(&self) {
+        reset_on_close(self);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[inline]
+    fn splice_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+}
 
 /// What one read or write did.
 #[derive(Debug)]
@@ -168,7 +242,7 @@ pub fn no_delay_listener(listener: &mio::net::TcpListener) {
 
 /// Sets `TCP_NODELAY` on an accepted socket where the listener's setting is
 /// not inherited (everywhere but Linux).
-pub fn no_delay(stream: &mio::net::TcpStream) {
+pub fn no_delay(stream: &TcpStream) {
     if cfg!(not(target_os = "linux")) {
         let _ = stream.set_nodelay(true);
     }
@@ -177,7 +251,7 @@ pub fn no_delay(stream: &mio::net::TcpStream) {
 /// Makes the coming close of `stream` send RST instead of FIN: for a peer
 /// that is refused, or whose stream was cut short, so that it sees an error
 /// rather than a clean end it could mistake for a complete (or empty) stream.
-pub fn reset_on_close(stream: &mio::net::TcpStream) {
+pub fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
 }
 
@@ -187,7 +261,7 @@ pub fn reset_on_close(stream: &mio::net::TcpStream) {
 /// state dropped) is noticed within about a minute: 30 s idle, then three
 /// probes 10 s apart; or 60 s of unacknowledged data. Failures are ignored:
 /// these are optimisations of detection, not correctness.
-pub fn keep_alive(stream: &mio::net::TcpStream) {
+pub fn keep_alive(stream: &TcpStream) {
     use socket2::{SockRef, TcpKeepalive};
     use std::time::Duration;
     let _ = stream.set_nodelay(true);
