@@ -231,6 +231,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     relay
         .stop_on_signals()
         .map_err(|e| format!("cannot watch signals: {e}"))?;
+    relay.notify_systemd();
     relay.run().map_err(|e| format!("relay failed: {e}"))
 }
 
@@ -293,6 +294,7 @@ fn run_agent(config: AgentConfig) -> Result<(), String> {
     agent
         .stop_on_signals()
         .map_err(|e| format!("cannot watch signals: {e}"))?;
+    agent.notify_systemd();
     agent.register().map_err(|e| e.to_string())?;
     agent.run().map_err(|e| e.to_string())
 }

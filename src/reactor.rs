@@ -1,6 +1,7 @@
 //! The event loop shared by the relay and the app side: poll, dispatch,
-//! then requeued work, timers and deferred closes; plus the token scheme,
-//! the timer heap, listener accept with back-off, and the stop handle.
+//! then the handler's end of the turn; plus the fixed tokens, the timers,
+//! listener accept with back-off, the stop handle, signals through the poll,
+//! and systemd's notifications (ready, watchdog, stopping).
 //!
 //! One turn of the loop, as in redis's `ae.c`:
 //!
@@ -25,13 +26,17 @@ use mio::{Events, Interest, Poll, Registry, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use crate::ops::notify::{Notifier, watchdog_interval};
+
 /// Wakes the loop from another thread (stop requests).
 pub const WAKER: Token = Token(usize::MAX);
 /// SIGINT/SIGTERM arrived (see [`Reactor::stop_on_signals`]).
 pub const SIGNALS: Token = Token(usize::MAX - 1);
 /// The fixed token a user of the reactor may give its own main socket (the
-/// relay's registration listener, the agent's control connection).
+/// relay's registration listener).
 pub const MAIN: Token = Token(usize::MAX - 2);
+/// The status listener (`--metrics`), relay's or agent's.
+pub const STATUS: Token = Token(usize::MAX - 3);
 
 /// What the loop needs from whatever it drives.
 pub trait Handler {
@@ -48,6 +53,11 @@ pub trait Handler {
     fn on_signal(&mut self, _now: Instant) -> bool {
         true
     }
+    /// Whether the handler is ready to serve, for systemd's `READY=1`: the
+    /// relay once it listens (at once), the agent once registered.
+    fn is_ready(&self) -> bool {
+        true
+    }
 }
 
 /// A poll, its stop handle and, if asked for, SIGINT/SIGTERM delivery.
@@ -56,6 +66,14 @@ pub struct Reactor {
     events: Events,           // reused event buffer
     stopper: Stopper,         // stop requests from other threads
     signals: Option<Signals>, // SIGINT/SIGTERM, when the loop owns the process
+    systemd: Option<Systemd>, // notifications to systemd, under `Type=notify`
+}
+
+/// What the loop tells systemd (see [`Reactor::notify_systemd`]).
+struct Systemd {
+    notifier: Notifier,                    // `$NOTIFY_SOCKET`
+    ready: bool,                           // `READY=1` sent
+    watchdog: Option<(Duration, Instant)>, // ping period, and the next ping
 }
 
 impl Reactor {
@@ -68,6 +86,7 @@ impl Reactor {
             events: Events::with_capacity(1024),
             stopper,
             signals: None,
+            systemd: None,
         })
     }
 
@@ -93,6 +112,26 @@ impl Reactor {
         Ok(())
     }
 
+    /// Tells systemd how the loop fares, when it runs under a `Type=notify`
+    /// unit (`$NOTIFY_SOCKET` set; otherwise nothing happens and this
+    /// returns false): `READY=1` once the handler says it is ready,
+    /// `WATCHDOG=1` from a timer of the loop itself at half the interval
+    /// `$WATCHDOG_USEC` asks for (a loop that stops turning stops pinging,
+    /// and systemd restarts it), and `STOPPING=1` when a signal starts the
+    /// end.
+    pub fn notify_systemd(&mut self) -> bool {
+        let Some(notifier) = Notifier::from_env() else {
+            return false;
+        };
+        let watchdog = watchdog_interval().map(|full| (full / 2, Instant::now()));
+        self.systemd = Some(Systemd {
+            notifier,
+            ready: false,
+            watchdog,
+        });
+        true
+    }
+
     /// Runs turns while `go_on(handler)` holds after each; returns whether
     /// the loop was stopped (rather than `go_on` turning false).
     pub fn run_while<H: Handler>(
@@ -112,7 +151,15 @@ impl Reactor {
 
     /// One turn; returns whether a stop was requested.
     fn turn(&mut self, handler: &mut impl Handler) -> io::Result<bool> {
-        let timeout = handler.poll_timeout(Instant::now());
+        let now = Instant::now();
+        let watchdog = self.systemd.as_ref().and_then(|s| s.watchdog);
+        let timeout = match (handler.poll_timeout(now), watchdog) {
+            (timeout, Some((_, at))) => {
+                let ping = at.saturating_duration_since(now);
+                Some(timeout.map_or(ping, |t| t.min(ping)))
+            }
+            (timeout, None) => timeout,
+        };
         match self.poll.poll(&mut self.events, timeout) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                 return Ok(self.stopper.is_stopped());
@@ -123,7 +170,10 @@ impl Reactor {
         for event in self.events.iter() {
             match event.token() {
                 WAKER => {}
-                SIGNALS => take_signals(self.signals.as_mut(), &self.stopper, handler, now),
+                SIGNALS => {
+                    let systemd = self.systemd.as_mut();
+                    take_signals(self.signals.as_mut(), &self.stopper, handler, systemd, now);
+                }
                 _ => handler.on_event(event, now),
             }
         }
@@ -131,7 +181,26 @@ impl Reactor {
             return Ok(true);
         }
         handler.end_turn(now);
+        if let Some(systemd) = self.systemd.as_mut() {
+            systemd.after_turn(handler.is_ready(), now);
+        }
         Ok(false)
+    }
+}
+
+impl Systemd {
+    /// `READY=1` the first time the handler is ready; `WATCHDOG=1` when a
+    /// ping is due (a turn ran: the loop is alive).
+    fn after_turn(&mut self, ready: bool, now: Instant) {
+        if ready && !self.ready {
+            self.ready = self.notifier.ready();
+        }
+        if let Some((period, at)) = self.watchdog.as_mut()
+            && now >= *at
+        {
+            self.notifier.watchdog();
+            *at = now + *period;
+        }
     }
 }
 
@@ -140,6 +209,7 @@ fn take_signals(
     signals: Option<&mut Signals>,
     stopper: &Stopper,
     handler: &mut impl Handler,
+    mut systemd: Option<&mut Systemd>,
     now: Instant,
 ) {
     for signal in signals.into_iter().flat_map(|s| s.pending()) {
@@ -149,6 +219,9 @@ fn take_signals(
             "SIGTERM"
         };
         log::info!("{name} received");
+        if let Some(systemd) = systemd.as_deref_mut() {
+            systemd.notifier.stopping();
+        }
         if handler.on_signal(now) {
             stopper.flag.store(true, Ordering::Release);
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mio::event::Event;
 use mio::{Registry, Token};
 
-use super::state::{AgentConn, DIAL_IN, DIALING, DialLine, Ending, Link, SERVING};
+use super::state::{AgentConn, DIAL_IN, DIALING, DialLine, Ending, LINKS_UP, Link, SERVING};
 use super::{AgentConfig, AgentError};
 use crate::pipe::{Broken, Flow};
 use crate::pool::BufferPool;
@@ -83,6 +83,11 @@ impl Handler for AgentCore {
 
     fn on_event(&mut self, event: &Event, now: Instant) {
         self.dispatch(event.token(), Some(event), now);
+    }
+
+    /// Ready (for systemd) once a registration is up.
+    fn is_ready(&self) -> bool {
+        self.table.census().count(LINKS_UP) > 0
     }
 
     fn end_turn(&mut self, now: Instant) {

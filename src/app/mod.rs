@@ -189,6 +189,14 @@ impl Agent {
         self.reactor.stop_on_signals()
     }
 
+    /// Under a systemd `Type=notify` unit (`$NOTIFY_SOCKET` set), tells
+    /// systemd `READY=1` once registered, pings its watchdog
+    /// (`WatchdogSec`) from the loop, and says `STOPPING=1` on SIGINT or
+    /// SIGTERM. Returns whether systemd is listening.
+    pub fn notify_systemd(&mut self) -> bool {
+        self.reactor.notify_systemd()
+    }
+
     /// Serves clients until stopped (`Ok`) or until it gives up (`Err`).
     pub fn run(mut self) -> Result<(), AgentError> {
         let stopped = self

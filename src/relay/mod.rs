@@ -139,6 +139,15 @@ impl Relay {
         self.reactor.stop_on_signals()
     }
 
+    /// Under a systemd `Type=notify` unit (`$NOTIFY_SOCKET` set), tells
+    /// systemd `READY=1` once the relay runs (it listens from `bind` on),
+    /// pings its watchdog (`WatchdogSec`) from the loop, and says
+    /// `STOPPING=1` when a signal starts the drain. Returns whether systemd
+    /// is listening.
+    pub fn notify_systemd(&mut self) -> bool {
+        self.reactor.notify_systemd()
+    }
+
     /// Runs the reactor on this thread until [`RelayHandle::stop`], or until
     /// a shutdown begun by a signal has drained.
     pub fn run(mut self) -> io::Result<()> {
