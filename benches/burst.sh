@@ -18,13 +18,22 @@
 # fresh as the user's; every process started here is stopped on exit. bore
 # and rathole are installed with `cargo install bore-cli` / `cargo install
 # rathole` when missing (rathole builds for several minutes); a path that
-# cannot start reads n/a. With the defaults it takes about 8 minutes.
+# cannot start reads n/a.
+#
+# Read the tcpmem column first. 4 MiB in flight per client over three TCP
+# hops is more socket memory than a small machine's tcp_mem allows: on a
+# 24 GB machine (tcp_mem pressure mark 1.5 GB) 1,000 such clients take
+# the kernel over it on every path, loopback then drops segments, RTOs back
+# off for seconds and bore and rathole lose clients too. BYTES=1048576
+# keeps 1,000 clients under it. With the defaults a run takes about 1.5
+# minutes under the mark and up to 7 over it (cases end at DEADLINE).
 #
 # Knobs (environment): RUNS (5), CLIENTS (1000), CLIENTS_BIG (2000), BYTES
 # (each way per client, 4 MiB), READY (8), PATHS (subset of "tunnel
 # tunnel-ready bore rathole"), CASES (overrides both: "path:clients ...",
 # e.g. "tunnel:1000 tunnel-ready:1000"), RAMP (seconds to spread the
-# connects over, 0), KEEP=1 keeps the raw outputs.
+# connects over, 0), DEADLINE (seconds after which a case's unfinished
+# clients are cut off and counted, 60), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
 
@@ -36,6 +45,7 @@ BYTES=${BYTES:-$((4 << 20))}
 READY=${READY:-8}
 PATHS=${PATHS:-tunnel tunnel-ready bore rathole}
 RAMP=${RAMP:-0}
+DEADLINE=${DEADLINE:-60}
 if [ -z "${CASES:-}" ]; then
     CASES=""
     for path in $PATHS; do
@@ -183,7 +193,7 @@ local_addr = "127.0.0.1:$3"
 EOF
 }
 
-# Reads key $2 of the first RESULT line of file $1 that matches $3.
+# Reads key $2 of the first RESULT line of file $1 that starts with $3.
 value() {
     grep "^RESULT $3" "$1" 2>/dev/null | head -1 | tr ' ' '\n' | sed -n "s/^$2=//p"
 }
@@ -201,8 +211,8 @@ peak_kib() {
 mib_of() { awk -v k="$1" 'BEGIN { if (k == "") print "n/a"; else printf "%.1f", k / 1024 }'; }
 
 RESULTS=$OUT/results # one line per case and run, for the summary
-HEAD=$(printf '%-14s %7s %7s %6s %6s %7s %7s %12s %12s' path clients served lost failed MiB/s secs \
-    "server MiB" "agent MiB")
+# A row of the per-run table.
+row() { printf '%-13s %7s %7s %6s %6s %5s %6s %7s %8s %8s %6s %7s\n' "$@"; }
 
 # One case of one run: fresh echo server, path, burst; prints its row.
 run_case() {
@@ -211,37 +221,38 @@ run_case() {
     echo_addr=$(first_line "$OUT/echo_server.out") || { note "echo server did not start"; exit 1; }
     if ! start_path "$path" "${echo_addr##*:}"; then
         note "$path did not start; see $OUT (KEEP=1)"
-        printf '%-14s %7s %7s %6s %6s %7s %7s %12s %12s\n' "$path" "$clients" n/a n/a n/a n/a n/a n/a n/a
+        row "$path" "$clients" n/a n/a n/a n/a n/a n/a n/a n/a n/a n/a
         stop_all
         return
     fi
     note "run $run: $path, $clients clients x $BYTES B at $ADDR"
     "$LOAD" burst --addr "$ADDR" --clients "$clients" --bytes "$BYTES" --ramp-secs "$RAMP" \
-        --pid "$SERVER" --pid "$AGENT" >"$file" 2>&1
+        --deadline-secs "$DEADLINE" --pid "$SERVER" --pid "$AGENT" >"$file" 2>&1
     stop_all
-    local served lost failed mibs secs srv agt
-    served=$(value "$file" served "burst ")
-    lost=$(value "$file" lost "burst ")
-    failed=$(value "$file" failed "burst ")
-    mibs=$(value "$file" mib_s "burst ")
-    secs=$(value "$file" secs "burst ")
-    srv=$(peak_kib "$file" "$SERVER")
-    agt=$(peak_kib "$file" "$AGENT")
-    [ -n "$served" ] || { note "$path: no result: $(tail -1 "$file")"; served=n/a; }
-    printf '%-14s %7s %7s %6s %6s %7s %7s %12s %12s\n' "$path" "$clients" "$served" "${lost:-n/a}" \
-        "${failed:-n/a}" "${mibs:-n/a}" "${secs:-n/a}" "$(mib_of "$srv")" "$(mib_of "$agt")"
-    [ "$served" = n/a ] || echo "$path $clients $lost $failed $mibs ${srv:-0} ${agt:-0}" >>"$RESULTS"
-    if [ "${lost:-0}" != 0 ] || [ "${failed:-0}" != 0 ]; then
-        grep -E '^  (lost by cause|client )' "$file" | head -3 | sed 's/^/    /'
+    local v k
+    declare -A v
+    for k in served lost failed cut_at_deadline mib_s secs; do v[$k]=$(value "$file" "$k" "burst "); done
+    for k in tcp_mem_peak_pct listen_overflows; do v[$k]=$(value "$file" "$k" "burst_kernel "); done
+    v[srv]=$(peak_kib "$file" "$SERVER")
+    v[agt]=$(peak_kib "$file" "$AGENT")
+    [ -n "${v[served]}" ] || note "$path: no result: $(tail -1 "$file")"
+    row "$path" "$clients" "${v[served]:-n/a}" "${v[lost]:-n/a}" "${v[failed]:-n/a}" \
+        "${v[cut_at_deadline]:-n/a}" "${v[mib_s]:-n/a}" "${v[secs]:-n/a}" "$(mib_of "${v[srv]}")" \
+        "$(mib_of "${v[agt]}")" "${v[tcp_mem_peak_pct]:-?}%" "${v[listen_overflows]:-?}"
+    [ -n "${v[served]}" ] && echo "$path $clients ${v[lost]} ${v[failed]} ${v[mib_s]} ${v[srv]:-0}" \
+        "${v[agt]:-0} ${v[tcp_mem_peak_pct]:-0}" >>"$RESULTS"
+    if [ "${v[lost]:-0}" != 0 ] || [ "${v[failed]:-0}" != 0 ]; then
+        grep -E '^  (lost by cause|client )' "$file" | head -2 | sed 's/^/    /'
     fi
     sleep 1 # let the closed connections' last segments go
 }
 
-echo "burst: $BYTES B each way per client; cases:$CASES; $RUNS runs; $(nproc) cores"
+echo "burst: $BYTES B each way per client; cases:$CASES; $RUNS runs; $(nproc) cores;" \
+    "tcp_mem $(tr '\t' ' ' </proc/sys/net/ipv4/tcp_mem) pages"
 for run in $(seq "$RUNS"); do
     echo
     echo "run $run/$RUNS, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), load $(cut -d' ' -f1-3 /proc/loadavg)"
-    echo "$HEAD"
+    row path clients served lost failed cut MiB/s secs "srv MiB" "agt MiB" tcpmem lstnovf
     for c in $CASES; do
         run_case "$run" "${c%%:*}" "${c##*:}"
     done
@@ -250,38 +261,41 @@ done
 # ---- the summary -------------------------------------------------------------
 
 echo
-echo "summary over $RUNS runs (MiB/s and RSS: median, and min-max; RSS is the"
-echo "higher of the sampled VmRSS peak and VmHWM; server = relay, bore server,"
-echo "rathole server; agent = tcp-relay expose, bore local, rathole client)"
-printf '%-14s %7s %9s %10s %7s %16s %18s %18s\n' path clients "runs lost" "lost" failed "MiB/s" \
-    "server MiB" "agent MiB"
+echo "summary over $RUNS runs: runs that lost clients; lost and failed clients (total,"
+echo "and min-max per run); MiB/s, peak RSS and kernel TCP memory: median (min-max)"
+SFMT='%-13s %7s %5s %16s %6s %15s %18s %18s %14s\n'
+# shellcheck disable=SC2059 # the format is ours
+printf "$SFMT" path clients lossy lost failed MiB/s "server MiB" "agent MiB" "tcpmem %"
 for c in $CASES; do
-    awk -v path="${c%%:*}" -v clients="${c##*:}" '
-        function med(a, n,   i, j, t) {
+    awk -v path="${c%%:*}" -v clients="${c##*:}" -v fmt="$SFMT" '
+        function sort(a, n,   i, j, t) {
             for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-            return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
         }
-        function span(a, n, scale, fmt) {
-            if (n == 0) return "n/a"
-            m = med(a, n)
-            return sprintf(fmt " (" fmt "-" fmt ")", m / scale, a[1] / scale, a[n] / scale)
+        function span(a, n, scale, f,   m) {
+            sort(a, n)
+            m = n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+            return sprintf(f " (" f "-" f ")", m / scale, a[1] / scale, a[n] / scale)
         }
         $1 == path && $2 == clients {
-            n++; lost += $3; failed += $4; if ($3 > 0) runs_lost++
-            if (n == 1 || $3 < lmin) lmin = $3
-            if (n == 1 || $3 > lmax) lmax = $3
-            r[n] = $5; s[n] = $6; g[n] = $7
+            n++; lost += $3; failed += $4; lossy += ($3 > 0)
+            l[n] = $3; r[n] = $5; s[n] = $6; g[n] = $7; k[n] = $8
         }
         END {
-            if (n == 0) { printf "%-14s %7s %9s\n", path, clients, "n/a"; exit }
-            printf "%-14s %7s %9s %10s %7d %16s %18s %18s\n", path, clients, (runs_lost + 0) "/" n,
-                lost " (" lmin "-" lmax ")", failed, span(r, n, 1, "%.0f"),
-                span(s, n, 1024, "%.1f"), span(g, n, 1024, "%.1f")
+            if (n == 0) { printf fmt, path, clients, "n/a", "", "", "", "", "", ""; exit }
+            sort(l, n)
+            printf fmt, path, clients, lossy "/" n, lost " (" l[1] "-" l[n] ")", failed,
+                span(r, n, 1, "%.0f"), span(s, n, 1024, "%.1f"), span(g, n, 1024, "%.1f"), span(k, n, 1, "%.0f")
         }' "$RESULTS" 2>/dev/null
 done
 echo
 echo "lost: reset, refused or ended before the first echoed byte (a connect may"
-echo "retry SYNs for 30 s before it counts); failed: cut off after some bytes,"
-echo "wrong bytes, or no end of stream after the echo. MiB/s: bytes echoed by all"
-echo "clients over the wall time from release to the last client's end."
+echo "retry SYNs for 30 s before it counts); failed: cut off after some bytes (a"
+echo "read or write blocked 10 s, or the ${DEADLINE} s deadline: column cut), wrong"
+echo "bytes, or no end of stream after the echo. MiB/s: bytes echoed by all clients"
+echo "over the wall time from release to the last client's end. srv/agt: peak RSS"
+echo "(the higher of sampled VmRSS and VmHWM) of server (relay, bore server, rathole"
+echo "server) and agent (tcp-relay expose, bore local, rathole client). tcpmem: the"
+echo "kernel's peak TCP memory, system-wide, in % of tcp_mem's pressure mark: at 100 %"
+echo "and over, loopback drops segments and every path stalls and loses clients"
+echo "alike; lstnovf: accept-queue overflows (SYNs or handshake ACKs dropped)."
 exit 0

@@ -187,11 +187,12 @@ note "echo ${ADDR[direct]}, relay ${ADDR[relay]}, tunnel ${ADDR[tunnel]}, bore $
 [ -n "${PROC[bore]:-}" ] && "$LOAD" stat --pid "$bore_server" --secs 2 >"$OUT/stat_bore.out"
 [ -n "${PROC[rathole]:-}" ] && "$LOAD" stat --pid "$rathole_server" --secs 2 >"$OUT/stat_rathole.out"
 
-# Reads key $3 of the RESULT line (for pid $4, if given) of run $1.$2.
+# Reads key $3 of the first RESULT line that has it (and pid $4, if given)
+# of run $1.$2.
 value() {
     local file="$OUT/$1.$2.out" key=$3 pid=${4:-}
     [ -f "$file" ] || return 0
-    grep '^RESULT' "$file" | { if [ -n "$pid" ]; then grep " pid=$pid "; else cat; fi; } |
+    grep "^RESULT.* $key=" "$file" | { if [ -n "$pid" ]; then grep " pid=$pid "; else cat; fi; } |
         head -1 | tr ' ' '\n' | sed -n "s/^$key=//p"
 }
 
@@ -225,8 +226,8 @@ if [ "$BURST" -gt 0 ]; then
         [ -n "${ADDR[$path]:-}" ] || continue
         pid_args "$path"
         note "burst $BURST x $BURST_BYTES B on $path"
-        "$LOAD" burst --addr "${ADDR[$path]}" --clients "$BURST" --bytes "$BURST_BYTES" "${PIDARGS[@]}" \
-            >"$OUT/burst.$path.out" 2>&1 || {
+        "$LOAD" burst --addr "${ADDR[$path]}" --clients "$BURST" --bytes "$BURST_BYTES" \
+            --deadline-secs 60 "${PIDARGS[@]}" >"$OUT/burst.$path.out" 2>&1 || {
             note "burst on $path FAILED: $(tail -1 "$OUT/burst.$path.out")"
             echo "RESULT failed" >>"$OUT/burst.$path.out"
         }
@@ -302,6 +303,8 @@ if [ "$BURST" -gt 0 ]; then
     mrow "burst: client time p99, ms" burst p99_ms
     prow "burst: server RSS peak, KiB" burst peak_rss_kib first_pid
     prow "burst: agent RSS peak, KiB" burst peak_rss_kib second_pid
+    mrow "burst: kernel TCP mem, % pressure" burst tcp_mem_peak_pct
+    mrow "burst: accept queue overflows" burst listen_overflows
 fi
 prow "idle $IDLE: server RSS held, KiB" idle rss_held_kib first_pid
 prow "idle $IDLE: server B/client" idle per_client_b first_pid
@@ -312,7 +315,9 @@ echo "server = echo server (direct), relay process (relay, tunnel), bore server 
 echo "rathole server (rathole); agent = tcp-relay echo (relay), tcp-relay expose (tunnel),"
 echo "bore local (bore), rathole client (rathole). burst: clients lost = reset, refused or"
 echo "ended before their first echoed byte; RSS peak sampled every 10 ms, of processes"
-echo "that already served the measures above (benches/burst.sh: fresh ones, repeated)."
+echo "that already served the measures above (benches/burst.sh: fresh ones, repeated);"
+echo "kernel TCP mem: system-wide peak in % of tcp_mem's pressure mark (at 100 % and"
+echo "over, loopback drops segments and every path stalls and loses clients alike)."
 echo "idle relay RSS, app registered, before load: relay-only $(statv stat_idle.out "$relay1" rss_kib) KiB" \
     "(CPU $(statv stat_idle.out "$relay1" cpu_pct) %), tunnel relay $(statv stat_idle.out "$relay2" rss_kib) KiB" \
     "(CPU $(statv stat_idle.out "$relay2" cpu_pct) %); bore server ${bore_server:+$(statv stat_bore.out "$bore_server" rss_kib)} KiB;" \

@@ -901,8 +901,8 @@ mod burst {
         let deadline = release + Duration::from_secs_f64(a.deadline_secs);
         let ends = collect(&rx, a.clients, deadline, &shared.open);
         let wall = release.elapsed().as_secs_f64();
-        let peaks = sampler.finish();
-        report(a, shared.addr, ends, wall, &peaks)
+        let (peaks, kernel) = sampler.finish();
+        report(a, shared.addr, ends, wall, &peaks, &kernel)
     }
 
     fn shared(a: &BurstArgs) -> Res<Shared> {
@@ -1037,13 +1037,14 @@ mod burst {
         }
     }
 
-    /// Samples the RSS of some processes every RSS_PERIOD on its own
-    /// thread, keeping each one's peak.
+    /// Samples the RSS of some processes and the kernel's TCP memory every
+    /// RSS_PERIOD on its own thread, keeping each one's peak.
     struct Sampler {
         pids: Vec<u32>,
-        before: Vec<u64>, // KiB at the start
+        before: Vec<u64>,           // KiB at the start
+        counters: Vec<Option<u64>>, // KERNEL_COUNTERS at the start
         stop: Arc<AtomicBool>,
-        thread: thread::JoinHandle<Vec<u64>>,
+        thread: thread::JoinHandle<(Vec<u64>, u64)>, // RSS peaks, TCP memory peak
     }
 
     /// One process's memory over the run, in KiB.
@@ -1060,6 +1061,7 @@ mod burst {
             let stop = Arc::new(AtomicBool::new(false));
             let (flag, watched, mut peak) = (stop.clone(), pids.to_vec(), before.clone());
             let thread = spawn(move || {
+                let mut tcp_peak = 0;
                 while !flag.load(Ordering::Relaxed) {
                     for (p, &pid) in peak.iter_mut().zip(&watched) {
                         // A process that exited keeps the peak it reached.
@@ -1067,31 +1069,101 @@ mod burst {
                             *p = (*p).max(kib);
                         }
                     }
+                    tcp_peak = tcp_peak.max(tcp_mem_pages().unwrap_or(0));
                     thread::sleep(RSS_PERIOD);
                 }
-                peak
+                (peak, tcp_peak)
             })
             .map_err(|e| format!("spawn sampler: {e}"))?;
             Ok(Sampler {
                 pids: pids.to_vec(),
                 before,
+                counters: tcp_ext(),
                 stop,
                 thread,
             })
         }
 
-        fn finish(self) -> Vec<Peak> {
+        fn finish(self) -> (Vec<Peak>, Kernel) {
             self.stop.store(true, Ordering::Relaxed);
-            let peaks = self.thread.join().unwrap_or_else(|_| self.before.clone());
+            let (peaks, tcp_peak) = match self.thread.join() {
+                Ok(sampled) => sampled,
+                Err(_) => (self.before.clone(), 0),
+            };
             let rows = self.pids.iter().zip(self.before.iter().zip(peaks));
-            rows.map(|(&pid, (&before, peak))| Peak {
-                pid,
-                before,
-                peak,
-                hwm: status_kib(pid, "VmHWM").ok(),
-            })
-            .collect()
+            let peaks = rows
+                .map(|(&pid, (&before, peak))| Peak {
+                    pid,
+                    before,
+                    peak,
+                    hwm: status_kib(pid, "VmHWM").ok(),
+                })
+                .collect();
+            let grew = self.counters.iter().zip(tcp_ext());
+            let kernel = Kernel {
+                tcp_peak,
+                limits: tcp_mem_limits(),
+                grew: grew.map(|(was, now)| now?.checked_sub((*was)?)).collect(),
+            };
+            (peaks, kernel)
         }
+    }
+
+    /// TcpExt counters (`/proc/net/netstat`) that tell whether the kernel
+    /// itself dropped or reset connections during the run, with the names
+    /// they are reported under.
+    const KERNEL_COUNTERS: [(&str, &str); 8] = [
+        ("ListenOverflows", "listen_overflows"), // accept queue full: SYN or ACK dropped
+        ("SyncookiesSent", "syncookies_sent"),   // SYN queue full
+        ("TCPMemoryPressures", "mem_pressures"), // TCP memory went over tcp_mem[1]
+        ("TCPRcvQDrop", "rcvq_drops"),           // segment dropped: no memory to queue it
+        ("TCPAbortOnMemory", "aborts_on_memory"), // reset: out of TCP memory
+        ("TCPTimeouts", "rto_timeouts"),         // retransmission timer fired
+        ("TCPAbortOnClose", "resets_on_close"),  // reset: closed with bytes unread
+        ("TCPAbortOnData", "resets_on_data"),    // reset: bytes came after the close
+    ];
+
+    /// The kernel's side of the run, system-wide (other processes' traffic
+    /// counts too): loopback TCP over `tcp_mem` drops segments and stalls
+    /// every path alike, so a loss means little without this.
+    struct Kernel {
+        tcp_peak: u64,              // pages allocated to TCP, highest sampled
+        limits: Option<(u64, u64)>, // tcp_mem: pressure mark and hard limit, pages
+        grew: Vec<Option<u64>>,     // growth of each of KERNEL_COUNTERS
+    }
+
+    /// The current value of each of KERNEL_COUNTERS (None: not found).
+    fn tcp_ext() -> Vec<Option<u64>> {
+        let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+        // A line of names, then a line of values, both starting "TcpExt:".
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        let pairs: Vec<(&str, &str)> = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .collect();
+        let value = |name: &str| pairs.iter().find(|(n, _)| *n == name)?.1.parse().ok();
+        KERNEL_COUNTERS
+            .iter()
+            .map(|(name, _)| value(name))
+            .collect()
+    }
+
+    /// Pages allocated to TCP right now (`mem` of `/proc/net/sockstat`).
+    fn tcp_mem_pages() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+        let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:"))?;
+        let mut words = tcp.split_whitespace();
+        words.find(|w| *w == "mem")?;
+        words.next()?.parse().ok()
+    }
+
+    /// `tcp_mem`'s pressure mark and hard limit, in pages.
+    fn tcp_mem_limits() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+        let mut pages = text.split_whitespace().map(|w| w.parse().ok());
+        let _low: Option<u64> = pages.next()?;
+        Some((pages.next()??, pages.next()??))
     }
 
     /// The clients' ends, counted.
@@ -1100,6 +1172,7 @@ mod burst {
         lost: [usize; CAUSES.len()], // by cause, as CAUSES
         failed: usize,
         unfinished: usize, // never reported (counted as failed too)
+        deadline: usize,   // cut off by the deadline, lost or failed, or unfinished
         echoed: u64,       // bytes echoed back and checked, all clients
         served_secs: Vec<f64>,
     }
@@ -1112,10 +1185,13 @@ mod burst {
                 lost: [0; CAUSES.len()],
                 failed: unfinished,
                 unfinished,
+                deadline: unfinished,
                 echoed: 0,
                 served_secs: Vec::new(),
             };
             for end in ends {
+                let cause = end.cut.as_ref().map(|cut| cut.cause);
+                c.deadline += usize::from(cause == Some(Cause::Deadline));
                 match &end.cut {
                     None => {
                         c.served += 1;
@@ -1155,6 +1231,7 @@ mod burst {
         mut ends: Vec<End>,
         wall: f64,
         peaks: &[Peak],
+        kernel: &Kernel,
     ) -> Res<()> {
         ends.sort_unstable_by_key(|e| e.client);
         let c = Count::of(&ends, a.clients, a.bytes);
@@ -1179,18 +1256,16 @@ mod burst {
             .zip(c.lost)
             .map(|((_, name), n)| format!("{name} {n}"))
             .collect();
-        println!("  lost by cause: {}", by_cause.join(", "));
-        let cuts = ends
-            .iter()
-            .filter_map(|e| Some((e.client, e.cut.as_ref()?)));
-        for (client, cut) in cuts.take(SHOWN_ERRORS) {
-            println!(
-                "  client {client}: {} (after {} B echoed)",
-                cut.why, cut.echoed
-            );
-        }
+        println!(
+            "  lost by cause: {}; {} cut off by the {} s deadline",
+            by_cause.join(", "),
+            c.deadline,
+            a.deadline_secs
+        );
+        print_errors(&ends);
         print_result(a, &c, wall, rate, times);
         print_peaks(peaks);
+        print_kernel(kernel);
         match c.lost() + c.failed {
             0 => Ok(()),
             _ => Err(format!(
@@ -1199,6 +1274,19 @@ mod burst {
                 a.clients,
                 c.failed
             )),
+        }
+    }
+
+    /// The first few clients that were not served, and why.
+    fn print_errors(ends: &[End]) {
+        let cuts = ends
+            .iter()
+            .filter_map(|e| Some((e.client, e.cut.as_ref()?)));
+        for (client, cut) in cuts.take(SHOWN_ERRORS) {
+            println!(
+                "  client {client}: {} (after {} B echoed)",
+                cut.why, cut.echoed
+            );
         }
     }
 
@@ -1220,12 +1308,14 @@ mod burst {
             .collect();
         println!(
             "RESULT burst clients={} served={} lost={} failed={} mib_s={rate:.0} secs={wall:.3} \
-             p50_ms={p50:.0} p99_ms={p99:.0} max_ms={max:.0}{by_cause} unfinished={}",
+             p50_ms={p50:.0} p99_ms={p99:.0} max_ms={max:.0}{by_cause} unfinished={} \
+             cut_at_deadline={}",
             a.clients,
             c.served,
             c.lost(),
             c.failed,
-            c.unfinished
+            c.unfinished,
+            c.deadline
         );
     }
 
@@ -1244,6 +1334,36 @@ mod burst {
                 p.pid, p.before, p.peak
             );
         }
+    }
+
+    fn print_kernel(k: &Kernel) {
+        let show = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+        let (pressure, max) = (k.limits.map(|l| l.0), k.limits.map(|l| l.1));
+        let pct = pressure.map(|p| (k.tcp_peak * 100).div_ceil(p.max(1)));
+        let counters: Vec<(&str, String)> = KERNEL_COUNTERS
+            .iter()
+            .zip(&k.grew)
+            .map(|((_, key), n)| (*key, show(*n)))
+            .collect();
+        let listed: Vec<String> = counters.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "  kernel, system-wide: TCP memory peak {} pages = {} % of tcp_mem's pressure mark \
+             ({} pages, hard limit {}); {}",
+            k.tcp_peak,
+            show(pct),
+            show(pressure),
+            show(max),
+            listed.join(", ")
+        );
+        let keyed: String = counters.iter().map(|(k, n)| format!(" {k}={n}")).collect();
+        println!(
+            "RESULT burst_kernel tcp_mem_peak_pages={} tcp_mem_pressure_pages={} \
+             tcp_mem_max_pages={} tcp_mem_peak_pct={}{keyed}",
+            k.tcp_peak,
+            show(pressure),
+            show(max),
+            show(pct)
+        );
     }
 }
 
