@@ -25,8 +25,9 @@
 # 24 GB machine (tcp_mem pressure mark 1.5 GB) 1,000 such clients take
 # the kernel over it on every path, loopback then drops segments, RTOs back
 # off for seconds and bore and rathole lose clients too. BYTES=1048576
-# keeps 1,000 clients under it. With the defaults a run takes about 1.5
-# minutes under the mark and up to 7 over it (cases end at DEADLINE).
+# keeps 1,000 clients under it. On 2 cores a run takes about 4 minutes with
+# the defaults (over the mark; a case ends at DEADLINE), so 5 runs take
+# about 20; with BYTES=1048576 a run takes about 40 s.
 #
 # Knobs (environment): RUNS (5), CLIENTS (1000), CLIENTS_BIG (2000), BYTES
 # (each way per client, 4 MiB), READY (8), PATHS (subset of "tunnel

@@ -247,10 +247,13 @@ done
 # ---- the table ---------------------------------------------------------------
 
 # A row: label, then the value on each path, then tunnel/bore, tunnel/rathole
-# and relay/direct.
+# and relay/direct (not for counts, with RATIOS=0).
 row() {
     local label=$1 d=$2 r=$3 t=$4 b=$5 h=$6
-    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2f", a / b }'; }
+    ratio() {
+        awk -v a="$1" -v b="$2" -v on="${RATIOS:-1}" \
+            'BEGIN { if (!on || a == "" || b == "" || b == 0) print "-"; else printf "%.2f", a / b }'
+    }
     printf '%-34s %10s %10s %10s %10s %10s %9s %9s %9s\n' "$label" "${d:--}" "${r:--}" "${t:--}" "${b:--}" \
         "${h:--}" "$(ratio "$t" "$b")" "$(ratio "$t" "$h")" "$(ratio "$r" "$d")"
 }
@@ -297,14 +300,14 @@ mrow "rr 1 conn (unloaded) p99, us" rr1 p99_us
 mrow "churn ($CHURN_THREADS threads), conn/s" churn conn_per_s
 mrow "churn p99, us" churn p99_us
 if [ "$BURST" -gt 0 ]; then
-    mrow "burst $BURST x $((BURST_BYTES >> 20)) MiB: clients lost" burst lost
-    mrow "burst: clients failed" burst failed
+    RATIOS=0 mrow "burst $BURST x $((BURST_BYTES >> 20)) MiB: clients lost" burst lost
+    RATIOS=0 mrow "burst: clients failed" burst failed
     mrow "burst: MiB/s echoed" burst mib_s
     mrow "burst: client time p99, ms" burst p99_ms
     prow "burst: server RSS peak, KiB" burst peak_rss_kib first_pid
     prow "burst: agent RSS peak, KiB" burst peak_rss_kib second_pid
-    mrow "burst: kernel TCP mem, % pressure" burst tcp_mem_peak_pct
-    mrow "burst: accept queue overflows" burst listen_overflows
+    RATIOS=0 mrow "burst: kernel TCP mem, % pressure" burst tcp_mem_peak_pct
+    RATIOS=0 mrow "burst: accept queue overflows" burst listen_overflows
 fi
 prow "idle $IDLE: server RSS held, KiB" idle rss_held_kib first_pid
 prow "idle $IDLE: server B/client" idle per_client_b first_pid
