@@ -6,6 +6,7 @@
 //! cargo run --release --example load -- churn --addr 127.0.0.1:8081 --secs 5 --conns 4
 //! cargo run --release --example load -- bulk  --addr 127.0.0.1:8081 --streams 8 --bytes 134217728
 //! cargo run --release --example load -- idle  --addr 127.0.0.1:8081 --conns 8000 --pid 1234
+//! cargo run --release --example load -- burst --addr 127.0.0.1:8081 --clients 1000 --pid 1234
 //! cargo run --release --example load -- echo-server --listen 127.0.0.1:0 --secs 600
 //! ```
 //!
@@ -15,7 +16,9 @@
 //! status is non-zero when any transfer failed or was wrong.
 //!
 //! The client side is plain blocking `std::net` with a thread per
-//! connection or stream: simple, and the same for every target measured.
+//! connection or stream: simple, and the same for every target measured
+//! (a `burst` of 2,000 clients is 4,000 threads of 256 KiB stacks: 1 GiB of
+//! address space, of which only the touched pages are resident).
 //! The echo server is a small `mio` loop per thread (sockets shared out by
 //! `SO_REUSEPORT`), so thousands of idle connections cost no threads.
 
@@ -40,6 +43,15 @@ const PERIOD: usize = 251;
 const PROBE: usize = 16;
 /// Stack of each client thread: they hold a few buffers, no deep calls.
 const STACK: usize = 256 << 10;
+/// How long a `burst` client's connect may take. A listener whose SYN
+/// queue or accept backlog is full drops SYNs, and Linux sends them again
+/// 1, 3, 7, 15 and 31 s after the first (the wait doubles from 1 s): 30 s
+/// lets four retries through, so a client counted lost was refused or reset
+/// by the target, not given up by us.
+const BURST_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Period of the RSS sampler: short next to a burst (seconds), long next to
+/// reading `/proc/PID/status` (tens of microseconds).
+const RSS_PERIOD: Duration = Duration::from_millis(10);
 
 /// Load tool for tcp-relay: request/response, churn, bulk, idle memory.
 #[derive(Parser)]
@@ -59,6 +71,9 @@ enum Mode {
     Bulk(BulkArgs),
     /// Hold N echoing connections and report a process's RSS per client.
     Idle(IdleArgs),
+    /// N clients connecting at once, each streaming B bytes full duplex;
+    /// counts the clients served, lost and failed, and peak RSS.
+    Burst(BurstArgs),
     /// Report a process's RSS and CPU use over a few seconds.
     Stat(StatArgs),
     /// An echo server (mio, one loop per thread); prints its address.
@@ -122,6 +137,27 @@ struct IdleArgs {
 }
 
 #[derive(Args)]
+struct BurstArgs {
+    #[arg(long)]
+    addr: String,
+    /// Clients, released together by one barrier (a thread pair each).
+    #[arg(long, default_value_t = 1000)]
+    clients: usize,
+    /// Bytes each client sends (and must get back).
+    #[arg(long, default_value_t = 4 << 20)]
+    bytes: u64,
+    /// Processes whose peak RSS to sample during the run (repeatable).
+    #[arg(long)]
+    pid: Vec<u32>,
+    /// Seconds over which the connects are spread evenly (0: all at once).
+    #[arg(long, default_value_t = 0.0)]
+    ramp_secs: f64,
+    /// Seconds after the release at which unfinished clients are cut off.
+    #[arg(long, default_value_t = 120.0)]
+    deadline_secs: f64,
+}
+
+#[derive(Args)]
 struct StatArgs {
     #[arg(long, required = true)]
     pid: Vec<u32>,
@@ -148,6 +184,7 @@ fn main() -> ExitCode {
         Mode::Churn(a) => churn(&a),
         Mode::Bulk(a) => bulk(&a),
         Mode::Idle(a) => idle(&a),
+        Mode::Burst(a) => burst::run(&a),
         Mode::Stat(a) => stat(&a),
         Mode::EchoServer(a) => echo::serve(&a),
         Mode::FreePort => free_port(),
@@ -173,7 +210,12 @@ fn resolve(addr: &str) -> Res<SocketAddr> {
 /// A connected client socket with timeouts and `TCP_NODELAY` (small
 /// messages must not wait for Nagle on our side).
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    connect_within(addr, IO_TIMEOUT)
+}
+
+/// [`connect`] with its own limit on the connect itself.
+fn connect_within(addr: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, limit)?;
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
@@ -224,9 +266,14 @@ impl Samples {
             return 0.0;
         }
         self.0.sort_unstable();
-        let i = ((self.0.len() as f64 * q).ceil() as usize).clamp(1, self.0.len()) - 1;
-        f64::from(self.0[i]) / 1000.0
+        f64::from(self.0[rank(self.0.len(), q)]) / 1000.0
     }
+}
+
+/// Index of the `q` quantile in `len` sorted samples (nearest rank);
+/// `len` must not be 0.
+fn rank(len: usize, q: f64) -> usize {
+    ((len as f64 * q).ceil() as usize).clamp(1, len) - 1
 }
 
 /// What one client thread did.
@@ -438,30 +485,33 @@ fn bulk(a: &BulkArgs) -> Res<()> {
     for _ in 0..a.streams {
         streams.push(connect(addr).map_err(|e| format!("connect {addr}: {e}"))?);
     }
+    let pattern = Arc::new(pattern());
     let start = Instant::now();
     let mut handles = Vec::new();
     for (i, stream) in streams.into_iter().enumerate() {
-        let bytes = a.bytes;
-        let h = spawn(move || bulk_stream(stream, i * 37 % PERIOD, bytes, start))
+        let (bytes, pattern) = (a.bytes, pattern.clone());
+        let h = spawn(move || duplex(Arc::new(stream), pattern, offset(i), bytes, start))
             .map_err(|e| format!("spawn: {e}"))?;
         handles.push(h);
     }
     let (mut sent_at, mut recv_at, mut no_eof, mut first) = (0f64, 0f64, 0, None);
     for h in handles {
-        match h.join().unwrap_or_else(|_| Err("stream panicked".into())) {
+        match h
+            .join()
+            .unwrap_or_else(|_| Err(Cut::local("stream panicked")))
+        {
             Ok(t) => {
                 sent_at = sent_at.max(t.sent);
                 recv_at = recv_at.max(t.received);
                 no_eof += usize::from(!t.eof);
             }
-            Err(e) => {
-                first.get_or_insert(e);
+            Err(cut) => {
+                first.get_or_insert(cut.why);
             }
         }
     }
     let total = a.bytes as f64 * a.streams as f64;
     let (up, down) = (total / sent_at, total / recv_at);
-    let mib = |r: f64| r / f64::from(1 << 20);
     let gbit = |r: f64| r * 8.0 / 1e9;
     println!(
         "bulk {addr}: {} streams x {} B each way: sent at {:.0} MiB/s ({:.2} Gbit/s), \
@@ -486,26 +536,75 @@ fn bulk(a: &BulkArgs) -> Res<()> {
     }
 }
 
-/// Sends `bytes` of the pattern from `offset` on a second thread while
-/// this one reads and checks the echo: both directions at once.
-fn bulk_stream(stream: TcpStream, offset: usize, bytes: u64, start: Instant) -> Res<StreamTimes> {
-    let pattern = std::sync::Arc::new(pattern());
-    let mut writer = stream.try_clone().map_err(|e| format!("clone: {e}"))?;
-    let pat = pattern.clone();
-    let sender = spawn(move || -> Res<f64> {
-        let mut sent = 0u64;
-        while sent < bytes {
-            let n = (bytes - sent).min(CHUNK as u64) as usize;
-            let at = (offset + (sent % PERIOD as u64) as usize) % PERIOD;
-            writer
-                .write_all(&pat[at..at + n])
-                .map_err(|e| format!("write after {sent} B: {e}"))?;
-            sent += n as u64;
+/// Bytes to MiB.
+fn mib(bytes: f64) -> f64 {
+    bytes / f64::from(1 << 20)
+}
+
+/// Where stream `i` starts in the pattern: neighbours differ, so bytes
+/// delivered to the wrong stream are caught.
+fn offset(i: usize) -> usize {
+    i * 37 % PERIOD
+}
+
+/// Why a stream ended before its whole echo was back, and how far it got.
+struct Cut {
+    echoed: u64, // bytes echoed back and checked before the cut
+    cause: Cause,
+    why: String,
+}
+
+/// What ended a stream early (`burst` counts its lost clients by cause).
+#[derive(Clone, Copy, PartialEq)]
+enum Cause {
+    Connect,  // the connect failed or timed out
+    Reset,    // the target reset the connection (ECONNRESET, EPIPE)
+    Eof,      // the echo ended before all bytes were back
+    Timeout,  // one read or write blocked for IO_TIMEOUT
+    Deadline, // cut off by `burst`'s global deadline
+    Local,    // the tool's own failure (a thread, a descriptor)
+    Other,    // wrong bytes, no EOF after the echo, any other error
+}
+
+impl Cause {
+    fn of(e: &io::Error) -> Cause {
+        match e.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Cause::Reset,
+            // An expired SO_RCVTIMEO/SO_SNDTIMEO reads as EAGAIN on Linux.
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Cause::Timeout,
+            _ => Cause::Other,
         }
-        let _ = writer.shutdown(Shutdown::Write);
-        Ok(start.elapsed().as_secs_f64())
-    })
-    .map_err(|e| format!("spawn: {e}"))?;
+    }
+}
+
+impl Cut {
+    /// A failure of the tool itself (thread, descriptor), not the target.
+    fn local(why: &str) -> Cut {
+        Cut {
+            echoed: 0,
+            cause: Cause::Local,
+            why: why.into(),
+        }
+    }
+}
+
+/// Sends `bytes` of the pattern from `offset` on a second thread while
+/// this one reads and checks the echo: both directions at once. The
+/// socket is shared by `Arc` (both halves of a `TcpStream` work through
+/// `&TcpStream`), so no descriptor is duplicated and whoever holds the
+/// last reference closes it.
+fn duplex(
+    stream: Arc<TcpStream>,
+    pattern: Arc<Vec<u8>>,
+    offset: usize,
+    bytes: u64,
+    start: Instant,
+) -> Result<StreamTimes, Cut> {
+    let (writer, pat) = (stream.clone(), pattern.clone());
+    let sender = spawn(move || send_pattern(&writer, &pat, offset, bytes, start))
+        .map_err(|e| Cut::local(&format!("spawn: {e}")))?;
     let received = check_echo(&stream, &pattern, offset, bytes, start);
     if received.is_err() {
         // Unblock the sender, which may wait for room the echo never frees.
@@ -513,13 +612,41 @@ fn bulk_stream(stream: TcpStream, offset: usize, bytes: u64, start: Instant) -> 
     }
     let sent = sender
         .join()
-        .unwrap_or_else(|_| Err("sender panicked".into()));
+        .unwrap_or_else(|_| Err((Cause::Local, "sender panicked".into())));
     let (eof, received) = received?;
+    // The whole echo came back, so a failed send can only have failed late.
+    let sent = sent.map_err(|(cause, why)| Cut {
+        echoed: bytes,
+        cause,
+        why,
+    })?;
     Ok(StreamTimes {
-        sent: sent?,
+        sent,
         received,
         eof,
     })
+}
+
+/// Writes `bytes` of the pattern from `offset`, then half-closes; returns
+/// seconds since `start` when the last byte was written.
+fn send_pattern(
+    mut writer: &TcpStream,
+    pattern: &[u8],
+    offset: usize,
+    bytes: u64,
+    start: Instant,
+) -> Result<f64, (Cause, String)> {
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(CHUNK as u64) as usize;
+        let at = (offset + (sent % PERIOD as u64) as usize) % PERIOD;
+        writer
+            .write_all(&pattern[at..at + n])
+            .map_err(|e| (Cause::of(&e), format!("write after {sent} B: {e}")))?;
+        sent += n as u64;
+    }
+    let _ = writer.shutdown(Shutdown::Write);
+    Ok(start.elapsed().as_secs_f64())
 }
 
 /// Reads exactly `bytes` and compares them with the pattern; then waits for
@@ -531,25 +658,33 @@ fn check_echo(
     offset: usize,
     bytes: u64,
     start: Instant,
-) -> Res<(bool, f64)> {
+) -> Result<(bool, f64), Cut> {
     let mut buf = vec![0u8; CHUNK];
     let mut got = 0u64;
+    let cut = |got, cause, why| Cut {
+        echoed: got,
+        cause,
+        why,
+    };
     while got < bytes {
         let want = (bytes - got).min(CHUNK as u64) as usize;
         let n = stream
             .read(&mut buf[..want])
-            .map_err(|e| format!("read after {got} B: {e}"))?;
+            .map_err(|e| cut(got, Cause::of(&e), format!("read after {got} B: {e}")))?;
         if n == 0 {
-            return Err(format!("stream ended after {got} of {bytes} bytes"));
+            let why = format!("stream ended after {got} of {bytes} bytes");
+            return Err(cut(got, Cause::Eof, why));
         }
         let at = (offset + (got % PERIOD as u64) as usize) % PERIOD;
         if buf[..n] != pattern[at..at + n] {
-            return Err(format!("wrong bytes in {got}..{}", got + n as u64));
+            let why = format!("wrong bytes in {got}..{}", got + n as u64);
+            return Err(cut(got, Cause::Other, why));
         }
         got += n as u64;
     }
     let received = start.elapsed().as_secs_f64();
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(3)));
+    // The end of stream follows the last byte at once on a path that
+    // carries half-close; waiting IO_TIMEOUT tells a slow one from none.
     let eof = matches!(stream.read(&mut buf[..1]), Ok(0));
     Ok((eof, received))
 }
@@ -558,13 +693,18 @@ fn check_echo(
 
 /// A process's resident set in KiB (`VmRSS` in `/proc/PID/status`).
 fn rss_kib(pid: u32) -> Res<u64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One `<field>: <n> kB` line of `/proc/PID/status`, in KiB.
+fn status_kib(pid: u32, field: &str) -> Res<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| format!("no VmRSS for pid {pid}"))
+        .ok_or_else(|| format!("no {field} for pid {pid}"))
 }
 
 /// CPU time (user + system) of a process, in clock ticks.
@@ -688,6 +828,543 @@ fn free_port() -> Res<()> {
     let port = listener.local_addr().map_err(|e| e.to_string())?.port();
     println!("{port}");
     Ok(())
+}
+
+// ---- burst ---------------------------------------------------------------
+
+mod burst {
+    //! Issue 9's load: N clients released at once by one barrier, each
+    //! streaming B bytes full duplex through the target (bulk's pattern,
+    //! checked byte for byte), while a sampler thread keeps the peak RSS of
+    //! the processes serving them. A client is served (every byte and the
+    //! end of stream came back), lost (refused, reset or ended before its
+    //! first echoed byte: what the user saw) or failed (cut off later).
+
+    use std::net::{Shutdown, SocketAddr, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+    use std::sync::{Arc, Barrier, Mutex, MutexGuard, OnceLock, PoisonError};
+    use std::thread;
+    use std::time::{Duration, Instant};
+
+    use super::{
+        BURST_CONNECT_TIMEOUT, BurstArgs, Cause, Cut, IO_TIMEOUT, RSS_PERIOD, Res, connect_within,
+        duplex, mib, offset, pattern, rank, resolve, rss_kib, spawn, status_kib,
+    };
+
+    /// Every cause a client can be lost by, in the order reported.
+    const CAUSES: [(Cause, &str); 7] = [
+        (Cause::Connect, "connect"),
+        (Cause::Reset, "reset"),
+        (Cause::Eof, "eof"),
+        (Cause::Timeout, "timeout"),
+        (Cause::Deadline, "deadline"),
+        (Cause::Local, "local"),
+        (Cause::Other, "other"),
+    ];
+    /// Errors printed in full (the rest are only counted).
+    const SHOWN_ERRORS: usize = 5;
+
+    /// What every client thread shares.
+    struct Shared {
+        addr: SocketAddr,
+        clients: usize,
+        bytes: u64,
+        ramp: Duration,
+        pattern: Arc<Vec<u8>>,
+        barrier: Barrier,
+        release: OnceLock<Instant>, // set by the first thread past the barrier
+        open: Open,
+    }
+
+    /// How one client ended.
+    struct End {
+        client: usize,
+        secs: f64, // from its start (the release, plus its share of the ramp) to its end
+        cut: Option<Cut>, // None: served
+    }
+
+    pub fn run(a: &BurstArgs) -> Res<()> {
+        let shared = Arc::new(shared(a)?);
+        let (tx, rx) = mpsc::channel();
+        for i in 0..a.clients {
+            let (s, tx) = (shared.clone(), tx.clone());
+            spawn(move || {
+                let _ = tx.send(client(i, &s));
+            })
+            .map_err(|e| format!("spawn client {i}: {e}"))?;
+        }
+        drop(tx);
+        let sampler = Sampler::start(&a.pid)?;
+        shared.barrier.wait();
+        let release = *shared.release.get_or_init(Instant::now);
+        let deadline = release + Duration::from_secs_f64(a.deadline_secs);
+        let ends = collect(&rx, a.clients, deadline, &shared.open);
+        let wall = release.elapsed().as_secs_f64();
+        let (peaks, kernel) = sampler.finish();
+        report(a, shared.addr, ends, wall, &peaks, &kernel)
+    }
+
+    fn shared(a: &BurstArgs) -> Res<Shared> {
+        let sane = |x: f64| x.is_finite() && x >= 0.0;
+        if a.clients == 0 || !sane(a.ramp_secs) || !sane(a.deadline_secs) {
+            return Err("burst: --clients must be at least 1, seconds finite and >= 0".into());
+        }
+        if a.ramp_secs >= a.deadline_secs {
+            return Err("burst: --ramp-secs must be shorter than --deadline-secs".into());
+        }
+        Ok(Shared {
+            addr: resolve(&a.addr)?,
+            clients: a.clients,
+            bytes: a.bytes,
+            ramp: Duration::from_secs_f64(a.ramp_secs),
+            pattern: Arc::new(pattern()),
+            // Every client and the main thread, which starts the sampler first.
+            barrier: Barrier::new(a.clients + 1),
+            release: OnceLock::new(),
+            open: Open::new(a.clients),
+        })
+    }
+
+    /// One client: waits for the release, connects (client i of N a share
+    /// i/N into the ramp), streams, and says how it ended.
+    fn client(i: usize, s: &Shared) -> End {
+        s.barrier.wait();
+        let release = *s.release.get_or_init(Instant::now);
+        let began = release + s.ramp.mul_f64(i as f64 / s.clients as f64);
+        thread::sleep(began.saturating_duration_since(Instant::now()));
+        let cut = stream(i, s, began).err().map(|mut cut| {
+            if s.open.is_cut() && cut.cause != Cause::Connect {
+                cut.cause = Cause::Deadline;
+            }
+            cut
+        });
+        End {
+            client: i,
+            secs: began.elapsed().as_secs_f64(),
+            cut,
+        }
+    }
+
+    /// Connects and runs bulk's full-duplex stream; served means every
+    /// byte back and then the end of stream (half-close carried).
+    fn stream(i: usize, s: &Shared, began: Instant) -> Result<(), Cut> {
+        let stream = connect_within(s.addr, BURST_CONNECT_TIMEOUT).map_err(|e| Cut {
+            echoed: 0,
+            cause: Cause::Connect,
+            why: format!("connect: {e}"),
+        })?;
+        let stream = Arc::new(stream);
+        s.open.hold(i, &stream);
+        let times = duplex(stream, s.pattern.clone(), offset(i), s.bytes, began);
+        s.open.release(i);
+        if times?.eof {
+            return Ok(());
+        }
+        Err(Cut {
+            echoed: s.bytes,
+            cause: Cause::Other,
+            why: "no end of stream after the echo".into(),
+        })
+    }
+
+    /// Gathers the clients' ends until all are in or the deadline passes;
+    /// then cuts every open socket off and waits for the rest, which takes
+    /// at most a connect still retrying SYNs and one blocked call.
+    fn collect(rx: &Receiver<End>, n: usize, deadline: Instant, open: &Open) -> Vec<End> {
+        let mut ends = Vec::with_capacity(n);
+        let mut limit = deadline;
+        while ends.len() < n {
+            match rx.recv_timeout(limit.saturating_duration_since(Instant::now())) {
+                Ok(end) => ends.push(end),
+                Err(RecvTimeoutError::Timeout) if !open.is_cut() => {
+                    open.cut_all();
+                    limit = Instant::now() + BURST_CONNECT_TIMEOUT + IO_TIMEOUT;
+                }
+                // Grace spent, or every client thread gone.
+                Err(_) => break,
+            }
+        }
+        ends
+    }
+
+    /// The clients' sockets while they stream, so that the deadline can
+    /// shut every one down (which unblocks its reader and writer).
+    struct Open(Mutex<Sockets>);
+
+    struct Sockets {
+        cut: bool,                         // the deadline passed
+        held: Vec<Option<Arc<TcpStream>>>, // by client
+    }
+
+    impl Open {
+        fn new(n: usize) -> Open {
+            Open(Mutex::new(Sockets {
+                cut: false,
+                held: vec![None; n],
+            }))
+        }
+
+        fn lock(&self) -> MutexGuard<'_, Sockets> {
+            self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+
+        /// Keeps client `i`'s socket, or shuts it at once past the deadline.
+        fn hold(&self, i: usize, stream: &Arc<TcpStream>) {
+            let mut open = self.lock();
+            if open.cut {
+                let _ = stream.shutdown(Shutdown::Both);
+            } else {
+                open.held[i] = Some(stream.clone());
+            }
+        }
+
+        fn release(&self, i: usize) {
+            let done = self.lock().held[i].take();
+            drop(done); // the last reference closes the socket, outside the lock
+        }
+
+        fn cut_all(&self) {
+            let mut open = self.lock();
+            open.cut = true;
+            for stream in open.held.iter().flatten() {
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        }
+
+        fn is_cut(&self) -> bool {
+            self.lock().cut
+        }
+    }
+
+    /// Samples the RSS of some processes and the kernel's TCP memory every
+    /// RSS_PERIOD on its own thread, keeping each one's peak.
+    struct Sampler {
+        pids: Vec<u32>,
+        before: Vec<u64>,           // KiB at the start
+        counters: Vec<Option<u64>>, // KERNEL_COUNTERS at the start
+        stop: Arc<AtomicBool>,
+        thread: thread::JoinHandle<(Vec<u64>, u64)>, // RSS peaks, TCP memory peak
+    }
+
+    /// One process's memory over the run, in KiB.
+    struct Peak {
+        pid: u32,
+        before: u64,
+        peak: u64,        // highest VmRSS sampled
+        hwm: Option<u64>, // VmHWM: the peak over the process's whole life
+    }
+
+    impl Sampler {
+        fn start(pids: &[u32]) -> Res<Sampler> {
+            let before: Vec<u64> = pids.iter().map(|&p| rss_kib(p)).collect::<Res<_>>()?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let (flag, watched, mut peak) = (stop.clone(), pids.to_vec(), before.clone());
+            let thread = spawn(move || {
+                let mut tcp_peak = 0;
+                while !flag.load(Ordering::Relaxed) {
+                    for (p, &pid) in peak.iter_mut().zip(&watched) {
+                        // A process that exited keeps the peak it reached.
+                        if let Ok(kib) = rss_kib(pid) {
+                            *p = (*p).max(kib);
+                        }
+                    }
+                    tcp_peak = tcp_peak.max(tcp_mem_pages().unwrap_or(0));
+                    thread::sleep(RSS_PERIOD);
+                }
+                (peak, tcp_peak)
+            })
+            .map_err(|e| format!("spawn sampler: {e}"))?;
+            Ok(Sampler {
+                pids: pids.to_vec(),
+                before,
+                counters: tcp_ext(),
+                stop,
+                thread,
+            })
+        }
+
+        fn finish(self) -> (Vec<Peak>, Kernel) {
+            self.stop.store(true, Ordering::Relaxed);
+            let (peaks, tcp_peak) = match self.thread.join() {
+                Ok(sampled) => sampled,
+                Err(_) => (self.before.clone(), 0),
+            };
+            let rows = self.pids.iter().zip(self.before.iter().zip(peaks));
+            let peaks = rows
+                .map(|(&pid, (&before, peak))| Peak {
+                    pid,
+                    before,
+                    peak,
+                    hwm: status_kib(pid, "VmHWM").ok(),
+                })
+                .collect();
+            let grew = self.counters.iter().zip(tcp_ext());
+            let kernel = Kernel {
+                tcp_peak,
+                limits: tcp_mem_limits(),
+                grew: grew.map(|(was, now)| now?.checked_sub((*was)?)).collect(),
+            };
+            (peaks, kernel)
+        }
+    }
+
+    /// TcpExt counters (`/proc/net/netstat`) that tell whether the kernel
+    /// itself dropped or reset connections during the run, with the names
+    /// they are reported under.
+    const KERNEL_COUNTERS: [(&str, &str); 8] = [
+        ("ListenOverflows", "listen_overflows"), // accept queue full: SYN or ACK dropped
+        ("SyncookiesSent", "syncookies_sent"),   // SYN queue full
+        ("TCPMemoryPressures", "mem_pressures"), // TCP memory went over tcp_mem[1]
+        ("TCPRcvQDrop", "rcvq_drops"),           // segment dropped: no memory to queue it
+        ("TCPAbortOnMemory", "aborts_on_memory"), // reset: out of TCP memory
+        ("TCPTimeouts", "rto_timeouts"),         // retransmission timer fired
+        ("TCPAbortOnClose", "resets_on_close"),  // reset: closed with bytes unread
+        ("TCPAbortOnData", "resets_on_data"),    // reset: bytes came after the close
+    ];
+
+    /// The kernel's side of the run, system-wide (other processes' traffic
+    /// counts too): loopback TCP over `tcp_mem` drops segments and stalls
+    /// every path alike, so a loss means little without this.
+    struct Kernel {
+        tcp_peak: u64,              // pages allocated to TCP, highest sampled
+        limits: Option<(u64, u64)>, // tcp_mem: pressure mark and hard limit, pages
+        grew: Vec<Option<u64>>,     // growth of each of KERNEL_COUNTERS
+    }
+
+    /// The current value of each of KERNEL_COUNTERS (None: not found).
+    fn tcp_ext() -> Vec<Option<u64>> {
+        let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+        // A line of names, then a line of values, both starting "TcpExt:".
+        let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+        let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+        let pairs: Vec<(&str, &str)> = names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .collect();
+        let value = |name: &str| pairs.iter().find(|(n, _)| *n == name)?.1.parse().ok();
+        KERNEL_COUNTERS
+            .iter()
+            .map(|(name, _)| value(name))
+            .collect()
+    }
+
+    /// Pages allocated to TCP right now (`mem` of `/proc/net/sockstat`).
+    fn tcp_mem_pages() -> Option<u64> {
+        let text = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+        let tcp = text.lines().find_map(|l| l.strip_prefix("TCP:"))?;
+        let mut words = tcp.split_whitespace();
+        words.find(|w| *w == "mem")?;
+        words.next()?.parse().ok()
+    }
+
+    /// `tcp_mem`'s pressure mark and hard limit, in pages.
+    fn tcp_mem_limits() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_mem").ok()?;
+        let mut pages = text.split_whitespace().map(|w| w.parse().ok());
+        let _low: Option<u64> = pages.next()?;
+        Some((pages.next()??, pages.next()??))
+    }
+
+    /// The clients' ends, counted.
+    struct Count {
+        served: usize,
+        lost: [usize; CAUSES.len()], // by cause, as CAUSES
+        failed: usize,
+        unfinished: usize, // never reported (counted as failed too)
+        deadline: usize,   // cut off by the deadline, lost or failed, or unfinished
+        echoed: u64,       // bytes echoed back and checked, all clients
+        served_secs: Vec<f64>,
+    }
+
+    impl Count {
+        fn of(ends: &[End], clients: usize, bytes: u64) -> Count {
+            let unfinished = clients - ends.len();
+            let mut c = Count {
+                served: 0,
+                lost: [0; CAUSES.len()],
+                failed: unfinished,
+                unfinished,
+                deadline: unfinished,
+                echoed: 0,
+                served_secs: Vec::new(),
+            };
+            for end in ends {
+                let cause = end.cut.as_ref().map(|cut| cut.cause);
+                c.deadline += usize::from(cause == Some(Cause::Deadline));
+                match &end.cut {
+                    None => {
+                        c.served += 1;
+                        c.echoed += bytes;
+                        c.served_secs.push(end.secs);
+                    }
+                    Some(cut) if cut.echoed == 0 => {
+                        let at = CAUSES.iter().position(|(k, _)| *k == cut.cause);
+                        c.lost[at.unwrap_or(CAUSES.len() - 1)] += 1;
+                    }
+                    Some(cut) => {
+                        c.failed += 1;
+                        c.echoed += cut.echoed;
+                    }
+                }
+            }
+            c.served_secs.sort_unstable_by(f64::total_cmp);
+            c
+        }
+
+        fn lost(&self) -> usize {
+            self.lost.iter().sum()
+        }
+
+        /// The `q` quantile of the served clients' times, in ms.
+        fn quantile_ms(&self, q: f64) -> f64 {
+            match self.served_secs.len() {
+                0 => 0.0,
+                n => self.served_secs[rank(n, q)] * 1000.0,
+            }
+        }
+    }
+
+    fn report(
+        a: &BurstArgs,
+        addr: SocketAddr,
+        mut ends: Vec<End>,
+        wall: f64,
+        peaks: &[Peak],
+        kernel: &Kernel,
+    ) -> Res<()> {
+        ends.sort_unstable_by_key(|e| e.client);
+        let c = Count::of(&ends, a.clients, a.bytes);
+        let rate = mib(c.echoed as f64) / wall;
+        let times = [0.5, 0.99, 1.0].map(|q| c.quantile_ms(q));
+        let [p50, p99, max] = times;
+        println!(
+            "burst {addr}: {} clients x {} B each way, connecting at once{}: {} served, {} lost, \
+             {} failed ({} never ended); {:.0} MiB echoed in {wall:.2} s = {rate:.0} MiB/s; \
+             served in p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms",
+            a.clients,
+            a.bytes,
+            ramp_note(a.ramp_secs),
+            c.served,
+            c.lost(),
+            c.failed,
+            c.unfinished,
+            mib(c.echoed as f64)
+        );
+        let by_cause: Vec<String> = CAUSES
+            .iter()
+            .zip(c.lost)
+            .map(|((_, name), n)| format!("{name} {n}"))
+            .collect();
+        println!(
+            "  lost by cause: {}; {} cut off by the {} s deadline",
+            by_cause.join(", "),
+            c.deadline,
+            a.deadline_secs
+        );
+        print_errors(&ends);
+        print_result(a, &c, wall, rate, times);
+        print_peaks(peaks);
+        print_kernel(kernel);
+        match c.lost() + c.failed {
+            0 => Ok(()),
+            _ => Err(format!(
+                "burst: {} of {} clients lost, {} failed",
+                c.lost(),
+                a.clients,
+                c.failed
+            )),
+        }
+    }
+
+    /// The first few clients that were not served, and why.
+    fn print_errors(ends: &[End]) {
+        let cuts = ends
+            .iter()
+            .filter_map(|e| Some((e.client, e.cut.as_ref()?)));
+        for (client, cut) in cuts.take(SHOWN_ERRORS) {
+            println!(
+                "  client {client}: {} (after {} B echoed)",
+                cut.why, cut.echoed
+            );
+        }
+    }
+
+    fn ramp_note(secs: f64) -> String {
+        if secs > 0.0 {
+            format!(" (spread over {secs} s)")
+        } else {
+            String::new()
+        }
+    }
+
+    /// `times`: p50, p99 and max of the served clients' times, in ms.
+    fn print_result(a: &BurstArgs, c: &Count, wall: f64, rate: f64, times: [f64; 3]) {
+        let [p50, p99, max] = times;
+        let by_cause: String = CAUSES
+            .iter()
+            .zip(c.lost)
+            .map(|((_, name), n)| format!(" lost_{name}={n}"))
+            .collect();
+        println!(
+            "RESULT burst clients={} served={} lost={} failed={} mib_s={rate:.0} secs={wall:.3} \
+             p50_ms={p50:.0} p99_ms={p99:.0} max_ms={max:.0}{by_cause} unfinished={} \
+             cut_at_deadline={}",
+            a.clients,
+            c.served,
+            c.lost(),
+            c.failed,
+            c.unfinished,
+            c.deadline
+        );
+    }
+
+    fn print_peaks(peaks: &[Peak]) {
+        for p in peaks {
+            let hwm = p.hwm.map_or("-".to_string(), |k| k.to_string());
+            println!(
+                "  pid {}: RSS {} KiB before, peak {} KiB (sampled every {} ms), VmHWM {hwm} KiB",
+                p.pid,
+                p.before,
+                p.peak,
+                super::RSS_PERIOD.as_millis()
+            );
+            println!(
+                "RESULT burst_rss pid={} rss_before_kib={} peak_rss_kib={} hwm_kib={hwm}",
+                p.pid, p.before, p.peak
+            );
+        }
+    }
+
+    fn print_kernel(k: &Kernel) {
+        let show = |v: Option<u64>| v.map_or("-".to_string(), |n| n.to_string());
+        let (pressure, max) = (k.limits.map(|l| l.0), k.limits.map(|l| l.1));
+        let pct = pressure.map(|p| (k.tcp_peak * 100).div_ceil(p.max(1)));
+        let counters: Vec<(&str, String)> = KERNEL_COUNTERS
+            .iter()
+            .zip(&k.grew)
+            .map(|((_, key), n)| (*key, show(*n)))
+            .collect();
+        let listed: Vec<String> = counters.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        println!(
+            "  kernel, system-wide: TCP memory peak {} pages = {} % of tcp_mem's pressure mark \
+             ({} pages, hard limit {}); {}",
+            k.tcp_peak,
+            show(pct),
+            show(pressure),
+            show(max),
+            listed.join(", ")
+        );
+        let keyed: String = counters.iter().map(|(k, n)| format!(" {k}={n}")).collect();
+        println!(
+            "RESULT burst_kernel tcp_mem_peak_pages={} tcp_mem_pressure_pages={} \
+             tcp_mem_max_pages={} tcp_mem_peak_pct={}{keyed}",
+            k.tcp_peak,
+            show(pressure),
+            show(max),
+            show(pct)
+        );
+    }
 }
 
 // ---- echo server -----------------------------------------------------------
