@@ -435,7 +435,13 @@ impl<S: Stream> Pipe<S> {
 
     /// Bytes delivered so far, both ways together.
     pub fn moved(&self) -> u64 {
-        self.a_to_b.moved + self.b_to_a.moved
+        let (ab, ba) = self.moved_each_way();
+        ab + ba
+    }
+
+    /// Bytes delivered so far from a to b, and from b to a.
+    pub fn moved_each_way(&self) -> (u64, u64) {
+        (self.a_to_b.moved, self.b_to_a.moved)
     }
 
     /// Exactly one way is finished: one peer ended its stream, the other
