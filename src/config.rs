@@ -98,6 +98,12 @@ pub struct Config {
     /// client everywhere after. `None`: no source is trusted, and a header
     /// is just client data.
     pub accept_proxy_from: Option<AllowList>,
+    /// Serve the status endpoint here (`GET /metrics` in Prometheus text,
+    /// `GET /status` as JSON, `GET /` a page showing it live), on the
+    /// relay's own loop. `None`: no socket at all. It shows app addresses:
+    /// keep it on loopback (or behind a firewall) and reach it through an
+    /// SSH tunnel.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A secret, kept out of debug output and logs.
@@ -152,6 +158,7 @@ impl Default for Config {
             // costs nothing until connections wait in it.
             backlog: 4096,
             accept_proxy_from: None,
+            metrics: None,
         }
     }
 }

@@ -88,6 +88,11 @@ struct ServeArgs {
     /// valid header is reset; from anyone else a header is client data.
     #[arg(long, value_name = "CIDR[,...]")]
     accept_proxy_from: Option<AllowList>,
+    /// Serve the status endpoint here: GET /metrics (Prometheus), /status
+    /// (JSON), / (a live page), e.g. 127.0.0.1:9090. It shows app
+    /// addresses: keep it on loopback and use an SSH tunnel.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Longest control line accepted from an app, in bytes.
     #[arg(long, default_value_t = Config::default().max_line, value_name = "BYTES")]
     max_line: usize,
@@ -166,6 +171,10 @@ struct ExposeArgs {
     /// HAProxy `accept-proxy`). The service must expect it.
     #[arg(long, value_name = "VERSION")]
     proxy_protocol: Option<ProxyVersion>,
+    /// Serve the agent's status endpoint here: GET /metrics (Prometheus),
+    /// /status (JSON), / (a live page), e.g. 127.0.0.1:9091.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
     /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
     #[arg(long)]
     no_splice: bool,
@@ -220,6 +229,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         max_line: args.max_line,
         backlog: args.backlog,
         accept_proxy_from: args.accept_proxy_from,
+        metrics: args.metrics,
         register_timeout: args.register_timeout,
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
@@ -247,6 +257,7 @@ fn echo(args: EchoArgs) -> Result<(), String> {
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
         proxy_protocol: None,
+        metrics: None,
     })
 }
 
@@ -270,6 +281,7 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
             .max_clients
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         proxy_protocol: args.proxy_protocol,
+        metrics: args.metrics,
     })
 }
 

@@ -434,6 +434,7 @@ impl<S: Stream> Pipe<S> {
     }
 
     /// Bytes delivered so far, both ways together.
+    #[cfg(test)]
     pub fn moved(&self) -> u64 {
         let (ab, ba) = self.moved_each_way();
         ab + ba

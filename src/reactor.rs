@@ -380,8 +380,10 @@ impl AcceptGate {
         }
     }
 
-    /// Closes the gate after `err`, for a growing back-off.
-    pub fn exhausted(&mut self, now: Instant, listener: Token, err: &io::Error) {
+    /// Closes the gate after `err`, for a growing back-off; returns whether
+    /// this starts a new episode (the previous one had ended).
+    pub fn exhausted(&mut self, now: Instant, listener: Token, err: &io::Error) -> bool {
+        let new_episode = !self.warned;
         let backoff = self
             .backoff
             .map_or(ACCEPT_BACKOFF_MIN, |b| (b * 2).min(ACCEPT_BACKOFF_MAX));
@@ -392,6 +394,7 @@ impl AcceptGate {
         self.backoff = Some(backoff);
         self.paused_until = Some(now + backoff);
         self.starve(listener);
+        new_episode
     }
 
     /// An accept succeeded: the episode is over.

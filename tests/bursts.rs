@@ -55,6 +55,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
         proxy_protocol: None,
+        metrics: None,
     }
 }
 
@@ -306,6 +307,7 @@ fn the_agent_serves_at_most_max_clients_and_the_rest_wait_in_order() {
     let agent = start_agent(AgentConfig {
         max_clients: Some(2),
         proxy_protocol: None,
+        metrics: None,
         ..agent_config(relay.reg_addr(), local_service(echo))
     });
     let public = local(agent.relayed_port());

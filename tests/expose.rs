@@ -72,6 +72,7 @@ fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
         proxy_protocol: None,
+        metrics: None,
     }
 }
 

@@ -88,7 +88,10 @@ impl AgentCore {
     fn dial(&mut self, line: DialLine, now: Instant) {
         let dial_in = match TcpStream::connect(line.addr) {
             Ok(stream) => stream,
-            Err(e) => return log::warn!("dial-in to {} failed: {e}", line.addr),
+            Err(e) => {
+                self.metrics.dial_in_failures += 1;
+                return log::warn!("dial-in to {} failed: {e}", line.addr);
+            }
         };
         let (local, refused) = match self.config.service {
             Service::Echo => (None, false),
@@ -156,6 +159,7 @@ impl AgentCore {
             }
             Connects::LocalFailed(e) => self.note_local(Some(&e)),
             Connects::Failed(why) => {
+                self.metrics.dial_in_failures += 1;
                 log::debug!("{why}");
                 self.table.close(id, Ending::Abort);
             }
@@ -175,6 +179,7 @@ impl AgentCore {
     /// Dialing => Echoing or Piping: the connect deadline is met (the
     /// transition cancels it).
     fn start_serving(&mut self, id: Id) {
+        self.metrics.served += 1;
         self.table.transition(id, |conn| match conn {
             AgentConn::Dialing(Dialing {
                 dial_in,
@@ -201,6 +206,7 @@ impl AgentCore {
         let Service::Forward(addr) = &self.config.service else {
             return;
         };
+        self.metrics.local_failures += u64::from(failure.is_some());
         match (failure, self.local_down) {
             (Some(e), false) => {
                 log::warn!(

@@ -7,7 +7,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::Interest;
 use mio::net::TcpStream;
@@ -238,6 +238,7 @@ impl AgentCore {
             AgentConn::Registering(mut link, conn) => {
                 log::info!("registered with relay {}: relayed port {port}", conn.relay);
                 link.attempts = 0;
+                link.since = SystemTime::now();
                 AgentConn::Registered(link, conn)
             }
             other => other,
@@ -276,6 +277,8 @@ impl AgentCore {
         }
         let delay = backoff(link.attempts);
         link.attempts = link.attempts.saturating_add(1);
+        link.since = SystemTime::now();
+        self.metrics.reconnects += 1;
         log::warn!("{why}; reconnecting in {delay:.1?}");
         self.table.transition(id, |_| AgentConn::Reconnecting(link));
         self.table.arm(id, now + delay);

@@ -5,12 +5,14 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU16;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::event::Event;
+use mio::net::TcpListener;
 use mio::{Registry, Token};
 
 use super::state::{AgentConn, DIAL_IN, DIALING, DialLine, Ending, LINKS_UP, Link, SERVING};
+use super::status::Metrics;
 use super::{AgentConfig, AgentError};
 use crate::pipe::{Broken, Flow};
 use crate::pool::BufferPool;
@@ -33,6 +35,8 @@ pub(super) struct AgentCore {
     pub(super) max_clients: usize,      // most clients served at once
     pub(super) queued: VecDeque<DialLine>, // dial lines waiting for room, oldest first
     pub(super) crowded: bool,           // dial lines are waiting (logged once per episode)
+    pub(super) metrics: Metrics,        // (status) counters of what happened
+    pub(super) status: Option<TcpListener>, // (status) the status endpoint, if asked for
 }
 
 impl AgentCore {
@@ -54,11 +58,14 @@ impl AgentCore {
             max_clients,
             queued: VecDeque::new(),
             crowded: false,
+            metrics: Metrics::default(),
+            status: None,
             config,
         };
         let link = Link {
             relay: core.config.relay.clone(),
             attempts: 0,
+            since: SystemTime::now(),
         };
         if let Ok(id) = core.table.insert(|_, _| Ok(AgentConn::Reconnecting(link))) {
             core.table.arm(id, Instant::now());
@@ -106,6 +113,9 @@ impl AgentCore {
     /// Routes readiness (an event, or `None` for requeued work) to the
     /// handler of the entry's state.
     fn dispatch(&mut self, token: Token, event: Option<&Event>, now: Instant) {
+        if token == reactor::STATUS {
+            return self.accept_observers(now);
+        }
         let Some((id, sub)) = self.table.resolve(token) else {
             return;
         };
@@ -136,6 +146,12 @@ impl AgentCore {
                 }
                 self.pump(id);
             }
+            Some(AgentConn::Observer(conn)) => {
+                if let Some(event) = event {
+                    conn.note(event);
+                }
+                self.serve_observer(id);
+            }
             Some(AgentConn::Reconnecting(_) | AgentConn::Vacant) | None => {}
         }
     }
@@ -153,6 +169,8 @@ impl AgentCore {
                 self.lost(id, now, why);
             }
             Some(AgentConn::Dialing(_)) => self.connect_timed_out(id),
+            // A scraper that did not finish its request in time.
+            Some(AgentConn::Observer(_)) => self.table.close(id, Ending::Abort),
             Some(
                 AgentConn::Registered(..)
                 | AgentConn::Echoing(_)
@@ -194,9 +212,13 @@ impl AgentCore {
                     [Some(echo.end.stream), None]
                 }
                 AgentConn::Piping(mut pipe) => {
+                    let (to_service, to_client) = pipe.moved_each_way();
+                    self.metrics.closed_bytes.0 += to_service;
+                    self.metrics.closed_bytes.1 += to_client;
                     pipe.release(&mut self.pool);
                     [Some(pipe.a.stream), Some(pipe.b.stream)]
                 }
+                AgentConn::Observer(conn) => [Some(conn.stream), None],
                 AgentConn::Connecting(_, stream) => [Some(stream), None],
                 AgentConn::Registering(_, conn) | AgentConn::Registered(_, conn) => {
                     [Some(conn.into_stream()), None]

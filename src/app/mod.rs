@@ -21,6 +21,7 @@ mod clients;
 mod control;
 mod core;
 mod state;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -87,6 +88,9 @@ pub struct AgentConfig {
     /// `listen … proxy_protocol`, HAProxy `accept-proxy`). Registration
     /// fails if the relay does not answer the request.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// Serve the status endpoint here (`GET /metrics`, `/status`, `/`), on
+    /// the agent's own loop; `None`: no socket at all.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -147,8 +151,19 @@ impl Agent {
     /// An agent that will connect to `config.relay` on its first turn.
     pub fn new(config: AgentConfig) -> io::Result<Agent> {
         let reactor = Reactor::new()?;
-        let core = AgentCore::new(config, reactor.registry().try_clone()?);
+        let status = config
+            .metrics
+            .map(|addr| status::open_status(reactor.registry(), addr))
+            .transpose()?;
+        let mut core = AgentCore::new(config, reactor.registry().try_clone()?);
+        core.status = status;
         Ok(Agent { reactor, core })
+    }
+
+    /// Where the status endpoint listens ([`AgentConfig::metrics`]), with
+    /// the real port when bound to port 0.
+    pub fn status_addr(&self) -> Option<std::net::SocketAddr> {
+        self.core.status.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Called with the relayed port after every (re)registration, e.g. to
@@ -276,6 +291,7 @@ impl EchoApp {
             connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
             max_clients: None,
             proxy_protocol: None,
+            metrics: None,
         })?;
         let relayed_port = agent.register()?;
         Ok(EchoApp {

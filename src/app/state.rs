@@ -16,11 +16,13 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::SystemTime;
 
 use mio::net::TcpStream;
 
 use super::control::LinkConn;
 use crate::auth::DialToken;
+use crate::ops::server::StatusConn;
 use crate::pipe::{Echo, Pipe, RxState};
 use crate::table::{Id, State};
 
@@ -41,6 +43,8 @@ pub(super) enum AgentConn {
     Echoing(Echo),
     /// A dial-in piped to the local service.
     Piping(Pipe),
+    /// (`status`) A connection to the status endpoint (`--metrics`).
+    Observer(StatusConn),
     /// Placeholder for the instant of a transition.
     Vacant,
 }
@@ -50,10 +54,11 @@ pub(super) const LINKS_DOWN: usize = 0;
 pub(super) const LINKS_UP: usize = 1;
 pub(super) const DIALING: usize = 2;
 pub(super) const SERVING: usize = 3;
+pub(super) const OBSERVERS: usize = 4;
 
 impl State for AgentConn {
     type Ending = Ending;
-    const KINDS: usize = 4;
+    const KINDS: usize = 5;
 
     fn placeholder() -> Self {
         AgentConn::Vacant
@@ -68,6 +73,7 @@ impl State for AgentConn {
             AgentConn::Dialing(_) => "Dialing",
             AgentConn::Echoing(_) => "Echoing",
             AgentConn::Piping(_) => "Piping",
+            AgentConn::Observer(_) => "Observer",
             AgentConn::Vacant => "Vacant",
         }
     }
@@ -80,13 +86,14 @@ impl State for AgentConn {
             AgentConn::Registered(..) => Some(LINKS_UP),
             AgentConn::Dialing(_) => Some(DIALING),
             AgentConn::Echoing(_) | AgentConn::Piping(_) => Some(SERVING),
+            AgentConn::Observer(_) => Some(OBSERVERS),
             AgentConn::Vacant => None,
         }
     }
 
     fn sockets(&self) -> usize {
         match self {
-            AgentConn::Reconnecting(_) | AgentConn::Vacant => 0,
+            AgentConn::Reconnecting(_) | AgentConn::Observer(_) | AgentConn::Vacant => 0,
             AgentConn::Connecting(..)
             | AgentConn::Registering(..)
             | AgentConn::Registered(..)
@@ -106,8 +113,9 @@ pub(super) const LOCAL: usize = 1;
 
 /// What a registration is, whatever its phase: where to, and how it fares.
 pub(super) struct Link {
-    pub(super) relay: String, // the relay's registration address, HOST:PORT
-    pub(super) attempts: u32, // failed (re)connects in a row, for back-off
+    pub(super) relay: String,     // the relay's registration address, HOST:PORT
+    pub(super) attempts: u32,     // failed (re)connects in a row, for back-off
+    pub(super) since: SystemTime, // (status) when it last came up or went down
 }
 
 /// A client's connects: its dial-in to the relay and, when forwarding, its

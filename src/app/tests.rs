@@ -38,6 +38,7 @@ impl Harness {
             connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
             max_clients: None,
             proxy_protocol: None,
+            metrics: None,
         };
         tweak(&mut config);
         let poll = Poll::new().expect("a poll");

@@ -12,6 +12,7 @@
 //!   enough for a read-only status endpoint.
 //! * [`json`]: JSON string escaping, a tiny writer, and RFC 3339 timestamps.
 //! * [`page`]: one self-contained HTML page that polls `status` and renders it.
+//! * [`server`]: a status endpoint connection: one bounded request, one answer.
 
 pub mod http;
 pub mod json;
@@ -19,6 +20,7 @@ pub mod notify;
 pub mod page;
 pub mod prometheus;
 pub mod secret;
+pub mod server;
 
 #[cfg(test)]
 pub(crate) mod testdir;

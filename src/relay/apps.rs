@@ -12,6 +12,7 @@ use mio::net::{TcpListener, TcpStream};
 
 use super::core::RelayCore;
 use super::state::{App, CONTROL, ControlConn, DIAL, Ending, RELAYED, RelayConn};
+use super::status::{Listener, Refused};
 use crate::auth;
 use crate::config::RelayStyle;
 use crate::pipe::Flow;
@@ -24,6 +25,7 @@ impl RelayCore {
     /// original protocol), or challenged first when a secret is set.
     pub(super) fn admit_app(&mut self, stream: TcpStream, peer: SocketAddr, now: Instant) {
         if !self.may_admit_app() {
+            self.metrics.refused(Listener::Registration, Refused::Apps);
             return refuse_unregistered(&stream, &Refusal::TooManyApps);
         }
         keep_alive(&stream);

@@ -11,6 +11,7 @@ use mio::net::TcpStream;
 
 use super::core::RelayCore;
 use super::state::{App, CONTROL, ControlConn, DIAL, PRESENTER, RELAYED, RelayConn, Requests};
+use super::status::{Listener, Refused};
 use crate::auth::{self, DialToken, NONCE_LEN, TOKEN_LINE_LEN};
 use crate::pipe::Flow;
 use crate::protocol::{
@@ -104,6 +105,8 @@ impl RelayCore {
         };
         let secret = self.config.secret.as_ref().map_or(&[][..], |s| &s.0[..]);
         if !auth::verify(secret, &applicant.nonce, answer) {
+            self.metrics.auth_failures += 1;
+            self.metrics.refused(Listener::Registration, Refused::Auth);
             return self.refuse(id, Refusal::SecretRefused);
         }
         let (mut listeners, ports) = match self.open_listeners() {
@@ -189,11 +192,13 @@ impl RelayCore {
         let (app, peer) = (presenter.app, presenter.peer);
         let Some(token) = parse_token_line(&presenter.line) else {
             log::debug!("dial-in from {peer} refused: not a token");
+            self.metrics.refused(Listener::DialIn, Refused::Token);
             return self.close(id, Ending::Refused);
         };
         let client = self.claim(app, &token);
         if client.is_none() && !self.claim_spare(app, &token) {
             log::debug!("dial-in from {peer} refused: wrong or used token");
+            self.metrics.refused(Listener::DialIn, Refused::Token);
             return self.close(id, Ending::Refused);
         }
         self.admit_presenter(id, app, client, now);

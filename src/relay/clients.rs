@@ -11,6 +11,7 @@ use mio::net::TcpStream;
 
 use super::core::RelayCore;
 use super::state::{CLIENT, DIAL_IN, Ending, Piped, RelayConn, Waiting};
+use super::status::{Listener, Refused};
 use crate::auth::DialToken;
 use crate::pipe::{Broken, Endpoint, Flow, Pipe, RxState};
 use crate::protocol::dial_line;
@@ -64,6 +65,7 @@ impl RelayCore {
             app,
             token,
             replay: None,
+            since: now,
         };
         self.wait_for_dial_in(waiting, None, now);
     }
@@ -86,7 +88,15 @@ impl RelayCore {
             );
         }
         app.refusing = full;
-        !full && self.has_room(2)
+        let refused = if full {
+            Some(Refused::Waiting)
+        } else {
+            (!self.has_room(2)).then_some(Refused::Limit)
+        };
+        if let Some(reason) = refused {
+            self.metrics.refused(Listener::Relayed, reason);
+        }
+        refused.is_none()
     }
 
     /// Queues a client (a new one, or one back from a lost trial in entry
@@ -209,9 +219,11 @@ impl RelayCore {
                 "dial-in from {peer} refused: app {} registered from another address",
                 app.control.peer
             );
+            self.metrics.refused(Listener::DialIn, Refused::Address);
             return reset_on_close(&stream);
         }
         if !expected && !self.has_room(1) {
+            self.metrics.refused(Listener::DialIn, Refused::Limit);
             return reset_on_close(&stream);
         }
         match self.config.secret {
@@ -280,16 +292,21 @@ impl RelayCore {
             log::warn!("dial-in dropped: cannot register: {e}");
             return self.close(id, Ending::Failed(e));
         }
+        let mut paired = None;
         self.table.transition(id, |conn| match conn {
             RelayConn::AwaitingDialIn(mut waiting) => {
                 log::debug!("client {} paired with its dial-in", waiting.peer);
+                paired = Some((waiting.app, waiting.since));
                 let dial_in = Endpoint::new(dial_in, RxState::registered());
                 let replay = waiting.replay.take();
                 let pipe = Pipe::with_replay(waiting.client, dial_in, replay);
-                RelayConn::Piping(Piped::new(pipe, waiting.peer, None, now))
+                RelayConn::Piping(Piped::new(pipe, waiting.peer, waiting.app, false, now))
             }
             other => other,
         });
+        if let Some((app, since)) = paired {
+            self.piped(app, now.saturating_duration_since(since));
+        }
         self.pump(id, now);
     }
 
@@ -314,10 +331,16 @@ impl RelayCore {
             return;
         };
         let flow = piped.pipe.pump(&mut self.pool);
-        if piped.pipe.moved() != piped.moved {
-            piped.moved = piped.pipe.moved();
-            piped.last_moved = now;
+        let moved = piped.pipe.moved_each_way();
+        if moved != piped.moved {
+            let delta = (moved.0 - piped.moved.0, moved.1 - piped.moved.1);
+            (piped.moved, piped.last_moved) = (moved, now);
+            let app = piped.app;
+            self.count_bytes(app, delta);
         }
+        let Some(RelayConn::Piping(piped)) = self.table.get_mut(id) else {
+            return;
+        };
         if piped.pipe.is_half_closed() && !piped.timer_armed {
             piped.timer_armed = true;
             self.table.arm(id, now + half_close_timeout);
@@ -329,6 +352,31 @@ impl RelayCore {
             Err(Broken::Reset) => self.close(id, Ending::Reset),
             Err(Broken::Failed(e)) => self.close(id, Ending::Failed(e)),
             Err(Broken::Lost) => self.retry(id, now),
+        }
+    }
+
+    /// A client was paired through app `app` after waiting `waited`.
+    pub(super) fn piped(&mut self, app: Id, waited: std::time::Duration) {
+        self.metrics.pairing.observe(waited);
+        if let Some(app) = self.app_mut(app) {
+            app.pipes += 1;
+        }
+    }
+
+    /// A pipe of app `app` is no more (closed, or its client back to waiting).
+    pub(super) fn unpiped(&mut self, app: Id) {
+        if let Some(app) = self.app_mut(app) {
+            app.pipes = app.pipes.saturating_sub(1);
+        }
+    }
+
+    /// Bytes a pipe of app `app` moved: to the app, and back to the client.
+    fn count_bytes(&mut self, app: Id, (to_app, to_client): (u64, u64)) {
+        self.metrics.to_apps += to_app;
+        self.metrics.to_clients += to_client;
+        if let Some(app) = self.app_mut(app) {
+            app.bytes.0 += to_app;
+            app.bytes.1 += to_client;
         }
     }
 

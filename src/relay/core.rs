@@ -19,6 +19,7 @@ use super::state::{
     APPLICANTS, APPS, App, CLIENT, CONTROL, DIAL, Ending, PIPES, PRESENTING, RELAYED, RelayConn,
     SPARES, UNWRAPPING, WAITING,
 };
+use super::status::{Listener, Metrics, Refused};
 use crate::config::Config;
 use crate::pool::BufferPool;
 use crate::reactor::{self, ACCEPT_BUDGET, AcceptGate, Accepted, Handler};
@@ -27,6 +28,8 @@ use crate::table::{Id, Table};
 
 /// The registration listener's token (fixed; connection tokens name entries).
 pub(super) const REG_LISTENER: Token = reactor::MAIN;
+/// The status listener's token (`--metrics`).
+pub(super) const STATUS_LISTENER: Token = reactor::STATUS;
 
 /// Free rings the pool keeps for reuse: enough that busy pipes rarely
 /// allocate, small enough (16 × 64 KiB = 1 MiB) that a relay idle after a
@@ -65,6 +68,8 @@ pub(super) struct RelayCore {
     pub(super) backlog: usize,          // the listen backlog the kernel grants
     pub(super) crowded: Alarm,          // the app limit is being hit
     pub(super) published: Arc<Mutex<Stats>>, // the counts as of the last turn
+    pub(super) metrics: Metrics,        // (status) counters of what happened
+    pub(super) status: Option<TcpListener>, // (status) the status endpoint, if asked for
     reg: Option<TcpListener>,           // the registration port (None once draining)
     gate: AcceptGate,                   // accept back-off when out of descriptors
     full: Alarm,                        // the connection limit is being hit
@@ -146,6 +151,8 @@ impl RelayCore {
             backlog: effective_backlog(config.backlog),
             crowded: Alarm::default(),
             published: Arc::default(),
+            metrics: Metrics::default(),
+            status: None,
             reg: Some(reg),
             config,
             gate: AcceptGate::default(),
@@ -178,7 +185,7 @@ impl RelayCore {
     /// Whether a token names a listener: the registration port, or an
     /// app's relayed or dial-in port.
     fn is_listener(&self, token: Token) -> bool {
-        if token == REG_LISTENER {
+        if token == REG_LISTENER || token == STATUS_LISTENER {
             return true;
         }
         let Some((id, sub)) = self.table.resolve(token) else {
@@ -208,6 +215,7 @@ impl RelayCore {
             RelayConn::Piping(piped) => piped.pipe.b.note(event),
             RelayConn::Authenticating(applicant) => applicant.control.note(event),
             RelayConn::Presenting(_) | RelayConn::Unwrapping(_) => {}
+            RelayConn::Observer(conn) => conn.note(event),
             // A ready dial-in: readable means data from the app, or its end.
             RelayConn::Standby(spare) => {
                 spare.rx.note(event);
@@ -241,6 +249,7 @@ impl RelayCore {
             RelayConn::Presenting(_) => self.read_token(id, now),
             RelayConn::Standby(_) => self.check_spare(id, now),
             RelayConn::Unwrapping(_) => self.read_proxy_header(id, now),
+            RelayConn::Observer(_) => self.serve_observer(id),
             RelayConn::Vacant => {}
         }
     }
@@ -253,14 +262,26 @@ impl RelayCore {
             match self.table.get(id) {
                 Some(RelayConn::Piping(_)) => self.check_idle(id, now),
                 Some(RelayConn::App(_)) => self.app_due(id, now),
-                // A client without its dial-in, an app without its answer,
-                // a dial-in without its token, a client without its header.
-                Some(
-                    RelayConn::AwaitingDialIn(_)
-                    | RelayConn::Authenticating(_)
-                    | RelayConn::Presenting(_)
-                    | RelayConn::Unwrapping(_),
-                ) => self.close(id, Ending::TimedOut),
+                Some(RelayConn::AwaitingDialIn(_)) => {
+                    self.metrics.dial_in_timeouts += 1;
+                    self.close(id, Ending::TimedOut);
+                }
+                Some(RelayConn::Authenticating(_)) => {
+                    self.metrics.auth_failures += 1;
+                    self.metrics.refused(Listener::Registration, Refused::Auth);
+                    self.close(id, Ending::TimedOut);
+                }
+                Some(RelayConn::Presenting(_)) => {
+                    self.metrics.refused(Listener::DialIn, Refused::Token);
+                    self.close(id, Ending::TimedOut);
+                }
+                Some(RelayConn::Unwrapping(_)) => {
+                    self.metrics
+                        .refused(Listener::Relayed, Refused::ProxyHeader);
+                    self.close(id, Ending::TimedOut);
+                }
+                // A scraper that did not finish its request in time.
+                Some(RelayConn::Observer(_)) => self.close(id, Ending::TimedOut),
                 Some(RelayConn::Standby(_) | RelayConn::Vacant) | None => {} // never armed
             }
         }
@@ -307,7 +328,12 @@ impl RelayCore {
                 Accepted::Exhausted(_)
                     if accept_rank(&self.table, listener) == 0 && self.reserve.take().is_some() => {
                 }
-                Accepted::Exhausted(e) => return self.gate.exhausted(now, listener, &e),
+                Accepted::Exhausted(e) => {
+                    if self.gate.exhausted(now, listener, &e) {
+                        self.metrics.descriptor_exhaustions += 1;
+                    }
+                    return;
+                }
             }
         }
         self.want_accept(listener);
@@ -317,6 +343,9 @@ impl RelayCore {
     fn listener(&self, listener: Token) -> Option<&TcpListener> {
         if listener == REG_LISTENER {
             return self.reg.as_ref();
+        }
+        if listener == STATUS_LISTENER {
+            return self.status.as_ref();
         }
         let (id, sub) = self.table.resolve(listener)?;
         let app = self.table.get(id)?.app()?;
@@ -330,15 +359,27 @@ impl RelayCore {
     /// Hands a new connection to the side it arrived on; each side checks
     /// the connection limit for what it will hold.
     fn on_accepted(&mut self, listener: Token, stream: TcpStream, peer: SocketAddr, now: Instant) {
-        if listener == REG_LISTENER {
-            if !self.has_room(1) {
-                return reset_on_close(&stream);
+        match listener {
+            STATUS_LISTENER => return self.admit_observer(stream, now),
+            REG_LISTENER => {
+                self.metrics.accepted(Listener::Registration);
+                if !self.has_room(1) {
+                    self.metrics.refused(Listener::Registration, Refused::Limit);
+                    return reset_on_close(&stream);
+                }
+                return self.admit_app(stream, peer, now);
             }
-            return self.admit_app(stream, peer, now);
+            _ => {}
         }
         match self.table.resolve(listener) {
-            Some((app, RELAYED)) => self.on_client(app, stream, peer, now),
-            Some((app, DIAL)) => self.admit_dial_in(app, stream, peer, now),
+            Some((app, RELAYED)) => {
+                self.metrics.accepted(Listener::Relayed);
+                self.on_client(app, stream, peer, now);
+            }
+            Some((app, DIAL)) => {
+                self.metrics.accepted(Listener::DialIn);
+                self.admit_dial_in(app, stream, peer, now);
+            }
             _ => {}
         }
     }
@@ -433,7 +474,10 @@ impl RelayCore {
                     reactor::forget(self.table.registry(), &mut waiting.client.stream);
                     log::debug!("client {} closed: {ending}", waiting.peer);
                 }
-                RelayConn::Piping(piped) => self.retire_pipe(piped.pipe, ending),
+                RelayConn::Piping(piped) => {
+                    self.unpiped(piped.app);
+                    self.retire_pipe(piped.pipe, ending);
+                }
                 RelayConn::Authenticating(mut applicant) => {
                     reactor::forget(self.table.registry(), &mut applicant.control.stream);
                 }
@@ -442,6 +486,7 @@ impl RelayCore {
                     reactor::forget(self.table.registry(), &mut spare.stream);
                 }
                 RelayConn::Unwrapping(unwrap) => self.retire_unwrap(unwrap),
+                RelayConn::Observer(conn) => self.retire_observer(conn),
                 RelayConn::Vacant => {}
             }
         }
@@ -524,11 +569,13 @@ impl RelayCore {
 }
 
 /// The order listeners are served in a turn: dial-ins complete clients
-/// already admitted (0), clients come next (1), apps last (2: they are few
-/// and patient).
+/// already admitted (0), clients come next (1), apps (2: they are few and
+/// patient), and the status endpoint last (3).
 fn accept_rank(table: &Table<RelayConn>, listener: Token) -> u8 {
-    if listener == REG_LISTENER {
-        return 2;
+    match listener {
+        REG_LISTENER => return 2,
+        STATUS_LISTENER => return 3, // last of all: it only observes
+        _ => {}
     }
     match table.resolve(listener) {
         Some((_, DIAL)) => 0,

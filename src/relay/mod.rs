@@ -23,6 +23,7 @@ mod port;
 mod proxy;
 mod ready;
 mod state;
+mod status;
 #[cfg(test)]
 mod tests;
 
@@ -69,9 +70,10 @@ impl Stats {
 /// Controls a running relay from any thread.
 #[derive(Clone)]
 pub struct RelayHandle {
-    stopper: Stopper,
-    published: Arc<Mutex<Stats>>,
-    reg_addr: SocketAddr,
+    stopper: Stopper,                // stops the loop
+    published: Arc<Mutex<Stats>>,    // its counts, as of its last turn
+    reg_addr: SocketAddr,            // where apps register
+    status_addr: Option<SocketAddr>, // where the status endpoint listens
 }
 
 impl RelayHandle {
@@ -95,6 +97,12 @@ impl RelayHandle {
     pub fn reg_addr(&self) -> SocketAddr {
         self.reg_addr
     }
+
+    /// Where the status endpoint listens ([`Config::metrics`]), with the
+    /// real port when bound to port 0.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status_addr
+    }
 }
 
 /// A bound relay, ready to [`run`](Relay::run).
@@ -114,7 +122,12 @@ impl Relay {
             .registry()
             .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
         warn_if_backlog_capped(config.backlog);
-        let core = RelayCore::new(reactor.registry().try_clone()?, config, reg)?;
+        let status = config
+            .metrics
+            .map(|addr| open_status(&reactor, addr))
+            .transpose()?;
+        let mut core = RelayCore::new(reactor.registry().try_clone()?, config, reg)?;
+        core.status = status;
         Ok(Relay { reactor, core })
     }
 
@@ -123,12 +136,19 @@ impl Relay {
         self.core.reg_addr
     }
 
+    /// Where the status endpoint listens ([`Config::metrics`]), with the
+    /// real port when bound to port 0.
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.core.status_addr()
+    }
+
     /// A handle to stop and observe the relay from another thread.
     pub fn handle(&self) -> RelayHandle {
         RelayHandle {
             stopper: self.reactor.stopper(),
             published: self.core.published.clone(),
             reg_addr: self.core.reg_addr,
+            status_addr: self.core.status_addr(),
         }
     }
 
@@ -163,6 +183,9 @@ impl Relay {
                 ""
             }
         );
+        if let Some(addr) = self.core.status_addr() {
+            log::info!("status on http://{addr}/ (/metrics, /status)");
+        }
         self.reactor
             .run_while(&mut self.core, |core| !core.drained())?;
         log::info!("relay stopped");
@@ -225,4 +248,20 @@ fn warn_if_backlog_capped(asked: u32) {
              connections at once are slowed (raise it: sysctl -w net.core.somaxconn={asked})"
         );
     }
+}
+
+/// The status endpoint's listener (`--metrics`), registered. Its backlog is
+/// small: a scraper or two, and connections beyond the endpoint's cap are
+/// closed as soon as they are accepted anyway.
+fn open_status(reactor: &Reactor, addr: SocketAddr) -> io::Result<mio::net::TcpListener> {
+    let mut listener = listen(addr, 64).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr} for --metrics: {e}"),
+        )
+    })?;
+    reactor
+        .registry()
+        .register(&mut listener, status::STATUS_TOKEN, Interest::READABLE)?;
+    Ok(listener)
 }

@@ -22,6 +22,7 @@ use mio::net::TcpStream;
 
 use super::core::RelayCore;
 use super::state::{CLIENT, Ending, RelayConn};
+use super::status::{Listener, Refused};
 use crate::protocol::{ProtocolError, Refusal, proxy_line};
 use crate::proxy_protocol::{self, MAX_HEADER_LEN, Parse};
 use crate::reactor;
@@ -118,6 +119,8 @@ impl RelayCore {
             Unwrapped::Client(peer) => peer,
             Unwrapped::Broken(why) => {
                 log::warn!("client from {from} reset: {why}");
+                self.metrics
+                    .refused(Listener::Relayed, Refused::ProxyHeader);
                 return self.close(id, Ending::Reset);
             }
         };

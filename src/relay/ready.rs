@@ -16,6 +16,7 @@ use mio::net::TcpStream;
 use super::clients::DIAL_LINE_ROOM;
 use super::core::RelayCore;
 use super::state::{CLIENT, DIAL_IN, Ending, Piped, RelayConn, Waiting};
+use super::status::{Listener, Refused};
 use crate::auth::DialToken;
 use crate::pipe::{Endpoint, Pipe, RxState};
 use crate::protocol::{ProtocolError, Refusal, dial_line};
@@ -244,6 +245,7 @@ impl RelayCore {
         now: Instant,
     ) -> Result<(), TcpStream> {
         if !self.has_room(1) {
+            self.metrics.refused(Listener::Relayed, Refused::Limit);
             reset_on_close(&client);
             return Ok(());
         }
@@ -269,11 +271,12 @@ impl RelayCore {
             RelayConn::Standby(ready) => {
                 let client = Endpoint::new(client, RxState::registered());
                 let pipe = Pipe::on_trial(client, Endpoint::new(ready.stream, ready.rx));
-                RelayConn::Piping(Piped::new(pipe, peer, Some(ready.app), now))
+                RelayConn::Piping(Piped::new(pipe, peer, ready.app, true, now))
             }
             other => other,
         });
         log::debug!("client {peer}: handed a ready dial-in");
+        self.piped(app_id, std::time::Duration::ZERO);
         self.pump(spare, now);
         self.top_up(app_id, now);
         self.flush_later(app_id);
@@ -383,12 +386,16 @@ impl RelayCore {
         reactor::forget(self.table.registry(), &mut lost.stream);
         log::debug!("client {peer}: its ready dial-in was lost before answering; asking again");
         self.back_off_if_failing(app, true, now);
+        self.unpiped(app);
+        // Its pairing is timed again from now: each pairing is a sample.
+        let since = now;
         let waiting = Waiting {
             client,
             peer,
             app,
             token,
             replay,
+            since,
         };
         self.wait_for_dial_in(waiting, Some(id), now);
     }

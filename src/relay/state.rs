@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
@@ -33,6 +33,7 @@ use super::proxy::Unwrap;
 use super::ready::{ReadyPool, Spare};
 use crate::auth::DialToken;
 use crate::buffer::Buffer;
+use crate::ops::server::StatusConn;
 use crate::pipe::{Endpoint, Flow, Pipe};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
 use crate::proxy_protocol::ProxyVersion;
@@ -66,6 +67,8 @@ pub(super) enum RelayConn {
     /// (`proxy`) A client from a trusted balancer, its PROXY header (which
     /// names the real client) not read yet.
     Unwrapping(Unwrap),
+    /// (`status`) A connection to the status endpoint (`--metrics`).
+    Observer(StatusConn),
     /// Placeholder for the instant of a transition; never seen by a handler.
     Vacant,
 }
@@ -78,10 +81,11 @@ pub(super) const APPLICANTS: usize = 3;
 pub(super) const PRESENTING: usize = 4;
 pub(super) const SPARES: usize = 5;
 pub(super) const UNWRAPPING: usize = 6;
+pub(super) const OBSERVERS: usize = 7;
 
 impl State for RelayConn {
     type Ending = Ending;
-    const KINDS: usize = 7;
+    const KINDS: usize = 8;
 
     fn placeholder() -> Self {
         RelayConn::Vacant
@@ -96,6 +100,7 @@ impl State for RelayConn {
             RelayConn::Presenting(_) => "Presenting",
             RelayConn::Standby(_) => "Standby",
             RelayConn::Unwrapping(_) => "Unwrapping",
+            RelayConn::Observer(_) => "Observer",
             RelayConn::Vacant => "Vacant",
         }
     }
@@ -109,15 +114,17 @@ impl State for RelayConn {
             RelayConn::Presenting(_) => Some(PRESENTING),
             RelayConn::Standby(_) => Some(SPARES),
             RelayConn::Unwrapping(_) => Some(UNWRAPPING),
+            RelayConn::Observer(_) => Some(OBSERVERS),
             RelayConn::Vacant => None,
         }
     }
 
-    /// Peer sockets, for the connection limit (listeners not counted).
+    /// Peer sockets, for the connection limit (listeners not counted, nor
+    /// status connections, which have a cap of their own).
     fn sockets(&self) -> usize {
         match self {
             RelayConn::Piping(_) => 2,
-            RelayConn::Vacant => 0,
+            RelayConn::Vacant | RelayConn::Observer(_) => 0,
             RelayConn::App(_)
             | RelayConn::AwaitingDialIn(_)
             | RelayConn::Authenticating(_)
@@ -262,6 +269,9 @@ pub(super) struct App {
     pub(super) presenting: usize,       // (auth) its dial-ins presenting their token
     pub(super) ready: ReadyPool,        // (ready) its ready dial-ins
     pub(super) proxy: Option<ProxyVersion>, // (proxy) the header its dial-ins begin with
+    pub(super) pipes: usize,            // (status) its clients being piped
+    pub(super) bytes: (u64, u64),       // (status) bytes relayed to it, and from it
+    pub(super) since: SystemTime,       // (status) when it registered
 }
 
 impl App {
@@ -285,6 +295,9 @@ impl App {
             presenting: 0,
             ready: ReadyPool::default(),
             proxy: None,
+            pipes: 0,
+            bytes: (0, 0),
+            since: SystemTime::now(),
         }
     }
 
@@ -367,6 +380,7 @@ pub(super) struct Waiting {
     pub(super) app: Id,                  // its app
     pub(super) token: Option<DialToken>, // what its dial-in must present (with a secret)
     pub(super) replay: Option<Buffer>,   // (ready) bytes it sent to a dial-in lost on trial
+    pub(super) since: Instant,           // (status) when it arrived, for the pairing time
 }
 
 impl Waiting {
@@ -381,21 +395,24 @@ impl Waiting {
 pub(super) struct Piped {
     pub(super) pipe: Pipe,          // the sockets and their directions
     pub(super) peer: SocketAddr,    // the client's address, for logs
+    pub(super) app: Id,             // the app it was paired through
     pub(super) trial: Option<Id>,   // (ready) the app whose ready dial-in it got, while on trial
     pub(super) last_moved: Instant, // when bytes last moved (either way)
-    pub(super) moved: u64,          // bytes moved so far, to notice movement
+    pub(super) moved: (u64, u64),   // bytes moved so far each way, to notice movement
     pub(super) timer_armed: bool,   // the half-close idle timer is pending
 }
 
 impl Piped {
-    /// A new pipe, nothing moved yet.
-    pub(super) fn new(pipe: Pipe, peer: SocketAddr, trial: Option<Id>, now: Instant) -> Self {
+    /// A new pipe of app `app`, nothing moved yet; `on_trial` when the
+    /// dial-in is a ready one (see `Pipe::on_trial`).
+    pub(super) fn new(pipe: Pipe, peer: SocketAddr, app: Id, on_trial: bool, now: Instant) -> Self {
         Piped {
             pipe,
             peer,
-            trial,
+            app,
+            trial: on_trial.then_some(app),
             last_moved: now,
-            moved: 0,
+            moved: (0, 0),
             timer_armed: false,
         }
     }

@@ -231,6 +231,7 @@ fn a_port_request_outside_the_range_is_refused() {
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
         proxy_protocol: None,
+        metrics: None,
     })
     .expect("create the agent");
     match agent.register() {

@@ -105,6 +105,7 @@ pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
         connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
         max_clients: None,
         proxy_protocol: None,
+        metrics: None,
     })
     .expect("create the agent")
 }
