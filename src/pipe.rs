@@ -214,7 +214,7 @@ pub struct Direction {
 /// a kernel pipe (when splicing), whose fixed cost per call only pays off for
 /// large transfers; small messages go through a ring, which is cheaper for
 /// them than two splices.
-const BULK_READ: usize = 16 * 1024;
+pub(crate) const BULK_READ: usize = 16 * 1024;
 
 impl Direction {
     /// A direction whose first bytes are already in `buffer` (a replay).
