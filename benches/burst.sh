@@ -33,7 +33,8 @@
 # (each way per client, 4 MiB), READY (8), PATHS (subset of "tunnel
 # tunnel-ready bore rathole"), CASES (overrides both: "path:clients ...",
 # e.g. "tunnel:1000 tunnel-ready:1000"), RAMP (seconds to spread the
-# connects over, 0), DEADLINE (seconds after which a case's unfinished
+# connects over, 0), IO_TIMEOUT (seconds one read or write may block, 10),
+# DEADLINE (seconds after which a case's unfinished
 # clients are cut off and counted, 60), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
@@ -47,6 +48,7 @@ READY=${READY:-8}
 PATHS=${PATHS:-tunnel tunnel-ready bore rathole}
 RAMP=${RAMP:-0}
 DEADLINE=${DEADLINE:-60}
+IO_TIMEOUT=${IO_TIMEOUT:-10}
 if [ -z "${CASES:-}" ]; then
     CASES=""
     for path in $PATHS; do
@@ -228,7 +230,8 @@ run_case() {
     fi
     note "run $run: $path, $clients clients x $BYTES B at $ADDR"
     "$LOAD" burst --addr "$ADDR" --clients "$clients" --bytes "$BYTES" --ramp-secs "$RAMP" \
-        --deadline-secs "$DEADLINE" --pid "$SERVER" --pid "$AGENT" >"$file" 2>&1
+        --deadline-secs "$DEADLINE" --io-timeout-secs "$IO_TIMEOUT" \
+        --pid "$SERVER" --pid "$AGENT" >"$file" 2>&1
     stop_all
     local v k
     declare -A v
@@ -291,7 +294,7 @@ done
 echo
 echo "lost: reset, refused or ended before the first echoed byte (a connect may"
 echo "retry SYNs for 30 s before it counts); failed: cut off after some bytes (a"
-echo "read or write blocked 10 s, or the ${DEADLINE} s deadline: column cut), wrong"
+echo "read or write blocked ${IO_TIMEOUT} s, or the ${DEADLINE} s deadline: column cut), wrong"
 echo "bytes, or no end of stream after the echo. MiB/s: bytes echoed by all clients"
 echo "over the wall time from release to the last client's end. srv/agt: peak RSS"
 echo "(the higher of sampled VmRSS and VmHWM) of server (relay, bore server, rathole"

@@ -155,6 +155,12 @@ struct BurstArgs {
     /// Seconds after the release at which unfinished clients are cut off.
     #[arg(long, default_value_t = 120.0)]
     deadline_secs: f64,
+    /// Seconds one read or write may block before the client counts as
+    /// failed. Under kernel TCP memory pressure loopback drops segments and
+    /// retransmission timers back off for seconds on every path alike; a
+    /// longer limit tells a slow client from a dead one.
+    #[arg(long, default_value_t = 10.0)]
+    io_timeout_secs: f64,
 }
 
 #[derive(Args)]
@@ -871,6 +877,7 @@ mod burst {
         clients: usize,
         bytes: u64,
         ramp: Duration,
+        io_timeout: Duration,
         pattern: Arc<Vec<u8>>,
         barrier: Barrier,
         release: OnceLock<Instant>, // set by the first thread past the barrier
@@ -918,6 +925,7 @@ mod burst {
             clients: a.clients,
             bytes: a.bytes,
             ramp: Duration::from_secs_f64(a.ramp_secs),
+            io_timeout: Duration::from_secs_f64(a.io_timeout_secs),
             pattern: Arc::new(pattern()),
             // Every client and the main thread, which starts the sampler first.
             barrier: Barrier::new(a.clients + 1),
@@ -953,6 +961,14 @@ mod burst {
             echoed: 0,
             cause: Cause::Connect,
             why: format!("connect: {e}"),
+        })?;
+        let timeouts = stream
+            .set_read_timeout(Some(s.io_timeout))
+            .and_then(|()| stream.set_write_timeout(Some(s.io_timeout)));
+        timeouts.map_err(|e| Cut {
+            echoed: 0,
+            cause: Cause::Local,
+            why: format!("set timeouts: {e}"),
         })?;
         let stream = Arc::new(stream);
         s.open.hold(i, &stream);
