@@ -32,6 +32,7 @@ pub(crate) struct StatusConn {
     sent: usize,                  // bytes of it written
     readable: bool,               // software readiness, as for every socket
     writable: bool,
+    draining: bool, // answered and shut: discarding until the peer's EOF
 }
 
 /// Where a status connection stands.
@@ -57,6 +58,7 @@ impl StatusConn {
             sent: 0,
             readable: true,
             writable: true,
+            draining: false,
         }
     }
 
@@ -70,6 +72,9 @@ impl StatusConn {
     /// whole, says what was asked. A bad request is answered here (400,
     /// 405, 431, 505), and so is a request still incomplete at the cap.
     pub(crate) fn read(&mut self) -> Request {
+        if self.draining {
+            return self.drain();
+        }
         if !self.out.is_empty() {
             return self.flush();
         }
@@ -106,8 +111,9 @@ impl StatusConn {
         self.flush()
     }
 
-    /// Writes the answer: [`Request::Done`] once all of it is out (or the
-    /// peer is gone), [`Request::Pending`] while the socket is full.
+    /// Writes the answer; once all of it is out, shuts our half and drains
+    /// (see [`drain`](Self::drain)). [`Request::Pending`] while the socket
+    /// is full, [`Request::Done`] when the peer is gone.
     fn flush(&mut self) -> Request {
         while self.writable && self.sent < self.out.len() {
             match write_slice(&self.stream, &self.out[self.sent..]) {
@@ -117,10 +123,31 @@ impl StatusConn {
             }
         }
         if self.sent < self.out.len() {
-            Request::Pending
-        } else {
-            Request::Done
+            return Request::Pending;
         }
+        self.draining = true;
+        if self.stream.shutdown(std::net::Shutdown::Write).is_err() {
+            return Request::Done;
+        }
+        self.drain()
+    }
+
+    /// The answer is out and our half shut: read and discard until the
+    /// peer ends its side, then [`Request::Done`]. Closing at once would
+    /// reset the connection if the peer's request (an oversized head, a
+    /// body) was not all read, and a reset can destroy the answer in flight
+    /// before the peer reads it (RFC 9112, section 9.6, "lingering close").
+    /// The connection's deadline bounds the wait.
+    fn drain(&mut self) -> Request {
+        let mut buf = [0u8; 1024];
+        while self.readable {
+            match read_slice(&self.stream, &mut buf) {
+                Io::Moved(_) => {}
+                Io::WouldBlock => self.readable = false,
+                Io::Eof | Io::Reset | Io::Failed(_) => return Request::Done,
+            }
+        }
+        Request::Pending
     }
 }
 
