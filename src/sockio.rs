@@ -211,6 +211,36 @@ pub fn listen(addr: std::net::SocketAddr, backlog: u32) -> io::Result<mio::net::
     Ok(mio::net::TcpListener::from_std(socket.into()))
 }
 
+/// The backlog the kernel granted `listener`, where it says (Linux: for a
+/// listening socket, `TCP_INFO`'s `tcpi_sacked` holds its accept queue's
+/// limit, what `ss -ltn` shows as Send-Q). Unlike reading `somaxconn`,
+/// this works in a sandbox that hides `/proc/sys`.
+#[cfg(target_os = "linux")]
+pub fn granted_backlog(listener: &mio::net::TcpListener) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: tcp_info is plain old data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // that large, and updates `len`; the descriptor is open.
+    let done = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    (done == 0 && info.tcpi_sacked > 0).then_some(info.tcpi_sacked)
+}
+
+/// Elsewhere the kernel does not say.
+#[cfg(not(target_os = "linux"))]
+pub fn granted_backlog(_listener: &mio::net::TcpListener) -> Option<u32> {
+    None
+}
+
 /// The kernel's cap on every listen backlog (`net.core.somaxconn`), where
 /// it can be read (Linux); `None` elsewhere.
 pub fn somaxconn() -> Option<u32> {
@@ -278,6 +308,17 @@ pub fn keep_alive(stream: &TcpStream) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_kernel_says_what_backlog_it_granted() {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let asked = listen(addr, 100).expect("listen");
+        assert_eq!(granted_backlog(&asked), Some(100));
+        let capped = listen(addr, u32::MAX).expect("listen");
+        let cap = somaxconn().expect("somaxconn on Linux");
+        assert_eq!(granted_backlog(&capped), Some(cap));
+    }
 
     /// A reader or writer that replays scripted results.
     struct Script(Vec<io::Result<usize>>);

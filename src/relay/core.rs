@@ -148,7 +148,7 @@ impl RelayCore {
             reg_addr: reg.local_addr()?,
             held_ports: BTreeSet::new(),
             reserved: 0,
-            backlog: effective_backlog(config.backlog),
+            backlog: granted_backlog(&reg, config.backlog),
             crowded: Alarm::default(),
             published: Arc::default(),
             metrics: Metrics::default(),
@@ -583,10 +583,14 @@ fn accept_rank(table: &Table<RelayConn>, listener: Token) -> u8 {
     }
 }
 
-/// The backlog a listener gets when `asked` is requested: Linux silently
-/// caps it at `net.core.somaxconn`.
-pub(super) fn effective_backlog(asked: u32) -> usize {
-    let granted = crate::sockio::somaxconn().map_or(asked, |max| asked.min(max));
+/// The backlog every listener got when `asked` was requested (they are
+/// all opened alike): what the kernel says it granted the registration
+/// port, or else `asked` capped by `net.core.somaxconn`, which Linux
+/// applies silently.
+pub(super) fn granted_backlog(reg: &TcpListener, asked: u32) -> usize {
+    let granted = crate::sockio::granted_backlog(reg)
+        .or_else(|| crate::sockio::somaxconn().map(|max| asked.min(max)))
+        .unwrap_or(asked);
     usize::try_from(granted.max(1)).unwrap_or(usize::MAX)
 }
 

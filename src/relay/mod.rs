@@ -121,7 +121,7 @@ impl Relay {
         reactor
             .registry()
             .register(&mut reg, REG_LISTENER, Interest::READABLE)?;
-        warn_if_backlog_capped(config.backlog);
+        warn_if_backlog_capped(&reg, config.backlog);
         let status = config
             .metrics
             .map(|addr| open_status(&reactor, addr))
@@ -241,8 +241,9 @@ impl Drop for RunningRelay {
 /// Says so at start when the kernel grants less backlog than asked: bursts
 /// larger than what it grants have connection attempts dropped (and
 /// retried by the peer seconds later).
-fn warn_if_backlog_capped(asked: u32) {
-    if let Some(max) = crate::sockio::somaxconn().filter(|&max| max < asked) {
+fn warn_if_backlog_capped(reg: &mio::net::TcpListener, asked: u32) {
+    let granted = crate::sockio::granted_backlog(reg).or_else(crate::sockio::somaxconn);
+    if let Some(max) = granted.filter(|&max| max < asked) {
         log::warn!(
             "listen backlog {asked} capped to {max} by net.core.somaxconn: bursts of more \
              connections at once are slowed (raise it: sysctl -w net.core.somaxconn={asked})"
