@@ -305,8 +305,10 @@ fn parse_positive(text: &str) -> Option<NonZeroU32> {
 /// `rate` sustained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
-    pub rate: Rate,        // the sustained rate
-    pub burst: NonZeroU32, // connections allowed at once from a full bucket
+    /// The sustained rate.
+    pub rate: Rate,
+    /// Connections allowed at once from a full bucket.
+    pub burst: NonZeroU32,
 }
 
 impl RateLimit {

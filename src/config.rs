@@ -6,7 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use crate::access::AllowList;
+use crate::access::{AllowList, RateLimit};
 
 /// How the relay picks each app's relayed port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +104,17 @@ pub struct Config {
     /// keep it on loopback (or behind a firewall) and reach it through an
     /// SSH tunnel.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Apps may register only from these sources; others are closed at
+    /// once, before a byte is read. `None`: any source.
+    pub allow_apps: Option<AllowList>,
+    /// Clients may connect to relayed ports only from these sources (the
+    /// address a trusted PROXY header names, when there is one); others are
+    /// closed at once. `None`: any source.
+    pub allow_clients: Option<AllowList>,
+    /// New client connections per source address (token bucket: a burst,
+    /// then a sustained rate), over every relayed port; beyond it a client
+    /// is closed at once. `None`: no limit.
+    pub client_rate: Option<RateLimit>,
 }
 
 /// A secret, kept out of debug output and logs.
@@ -159,6 +170,9 @@ impl Default for Config {
             backlog: 4096,
             accept_proxy_from: None,
             metrics: None,
+            allow_apps: None,
+            allow_clients: None,
+            client_rate: None,
         }
     }
 }

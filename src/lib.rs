@@ -85,8 +85,11 @@ pub mod ring;
 #[cfg(test)]
 mod properties;
 
-pub use access::{AllowError, AllowList, Cidr};
-pub use app::{Agent, AgentConfig, AgentError, EchoApp, RunningAgent, RunningEcho, Service};
+pub use access::{AllowError, AllowList, Cidr, Rate, RateLimit};
+pub use app::{
+    Agent, AgentConfig, AgentError, EchoApp, Registered, RunningAgent, RunningEcho, Service,
+    ServiceConfig,
+};
 pub use config::{Config, RelayStyle, Secret};
 pub use proxy_protocol::ProxyVersion;
 pub use relay::{Relay, RelayHandle, RunningRelay, Stats};

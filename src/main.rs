@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
-use cli::{parse_duration, parse_port_range};
+use cli::{LocalSpec, parse_duration, parse_local, parse_port_range};
 use log::LevelFilter;
 use tcp_relay::{
-    Agent, AgentConfig, AllowList, Config, ProxyVersion, Relay, RelayStyle, Secret, Service,
+    Agent, AgentConfig, AllowList, Config, ProxyVersion, Registered, Relay, RelayStyle, Secret,
+    Service, ServiceConfig,
 };
 
 mod cli;
@@ -127,9 +128,10 @@ struct SecretFile {
 
 #[derive(Args)]
 struct EchoArgs {
-    /// The relay's registration address.
+    /// The relay's registration address; more than once to register with
+    /// several relays.
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
-    relay: String,
+    relay: Vec<String>,
     /// The relay's shared secret, if it asks for one.
     #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
     secret: Option<String>,
@@ -139,14 +141,18 @@ struct EchoArgs {
 
 #[derive(Args)]
 struct ExposeArgs {
-    /// The relay's registration address.
+    /// The relay's registration address; more than once to register every
+    /// service with several relays (each link reconnects on its own).
     #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
-    relay: String,
-    /// The local service every client is piped to.
-    #[arg(long, value_name = "HOST:PORT")]
-    local: String,
+    relay: Vec<String>,
+    /// A local service to publish: its clients are piped to HOST:PORT.
+    /// More than once for several services, each its own registration;
+    /// NAME= names it on the address lines, @PORT asks for that relayed
+    /// port, e.g. --local web=127.0.0.1:3000@8081 --local ssh=127.0.0.1:22.
+    #[arg(long, value_name = "[NAME=]HOST:PORT[@PORT]", value_parser = parse_local)]
+    local: Vec<LocalSpec>,
     /// Ask the relay for this relayed port (a protocol extension; refused
-    /// if taken).
+    /// if taken). With one service; with several use --local ...@PORT.
     #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
     port: Option<u16>,
     /// Exit (non-zero) when the relay goes away, instead of reconnecting.
@@ -247,68 +253,94 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 fn echo(args: EchoArgs) -> Result<(), String> {
     run_agent(AgentConfig {
-        relay: args.relay,
-        service: Service::Echo,
-        port: None,
+        relays: args.relay,
         secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
-        ready: 0,
-        splice: Config::default().splice,
         reconnect: false,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
-        metrics: None,
+        ..AgentConfig::new(String::new(), Service::Echo)
     })
 }
 
 fn expose(args: ExposeArgs) -> Result<(), String> {
-    let local = args
+    if args.local.is_empty() {
+        return Err("nothing to expose: give --local HOST:PORT".into());
+    }
+    if args.port.is_some() && args.local.len() > 1 {
+        return Err(
+            "--port is for one service; with several, give each its port as --local NAME=HOST:PORT@PORT"
+                .into(),
+        );
+    }
+    let several = args.local.len() > 1;
+    let services = args
         .local
-        .to_socket_addrs()
-        .map_err(|e| format!("bad local address {:?}: {e}", args.local))?
-        .next()
-        .ok_or_else(|| format!("local address {:?} resolves to nothing", args.local))?;
+        .iter()
+        .map(|spec| {
+            Ok(ServiceConfig {
+                name: match &spec.name {
+                    Some(name) => name.clone(),
+                    None if several => spec.local.clone(),
+                    None => String::new(),
+                },
+                port: spec.port.or(args.port),
+                ready: usize::from(args.ready),
+                proxy_protocol: args.proxy_protocol,
+                ..ServiceConfig::new(Service::Forward(resolve_local(&spec.local)?))
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     run_agent(AgentConfig {
-        relay: args.relay,
-        service: Service::Forward(local),
-        port: args.port,
+        relays: args.relay,
+        services,
         secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
-        ready: usize::from(args.ready),
         splice: !args.no_splice && Config::default().splice,
         reconnect: !args.no_reconnect,
         connect_timeout: args.connect_timeout,
         max_clients: args
             .max_clients
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-        proxy_protocol: args.proxy_protocol,
         metrics: args.metrics,
     })
+}
+
+/// A local service's address, resolved once at start.
+fn resolve_local(local: &str) -> Result<std::net::SocketAddr, String> {
+    local
+        .to_socket_addrs()
+        .map_err(|e| format!("bad local address {local:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("local address {local:?} resolves to nothing"))
 }
 
 /// Registers (failing at once if that fails), then serves until a signal or
 /// until the agent gives up. After every registration the public address
 /// goes to stdout, alone on its line, for scripts: the relay's host as the
-/// user wrote it, with the relayed port.
+/// user wrote it, with the relayed port; with several services, the
+/// service's name, a space, then the address.
 fn run_agent(config: AgentConfig) -> Result<(), String> {
-    let host = config
-        .relay
-        .rsplit_once(':')
-        .map_or(config.relay.as_str(), |(h, _)| h)
-        .to_owned();
+    let several = config.services.len() > 1;
     raise_fd_limit();
     let mut agent = Agent::new(config).map_err(|e| e.to_string())?;
-    // Not println!, which panics when stdout is gone (piped into `head`):
-    // the agent keeps running; only its address line has nowhere to go.
-    agent.on_registered(move |port| {
-        let mut out = std::io::stdout();
-        let _ = writeln!(out, "{host}:{port}").and_then(|()| out.flush());
-    });
+    agent.on_registered(move |registered| print_address(registered, several));
     agent
         .stop_on_signals()
         .map_err(|e| format!("cannot watch signals: {e}"))?;
     agent.notify_systemd();
     agent.register().map_err(|e| e.to_string())?;
     agent.run().map_err(|e| e.to_string())
+}
+
+/// One registration's address line.
+fn print_address(registered: &Registered, several: bool) {
+    let relay = registered.relay.as_str();
+    let host = relay.rsplit_once(':').map_or(relay, |(host, _)| host);
+    let line = match several {
+        true => format!("{} {host}:{}", registered.service, registered.port),
+        false => format!("{host}:{}", registered.port),
+    };
+    // Not println!, which panics when stdout is gone (piped into `head`):
+    // the agent keeps running; only its address line has nowhere to go.
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// Raises the soft descriptor limit to the hard one: each relayed client

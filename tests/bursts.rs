@@ -45,17 +45,9 @@ fn start_agent(config: AgentConfig) -> RunningAgent {
 
 fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
     AgentConfig {
-        relay: relay.to_string(),
-        service: Service::Forward(local),
-        port: None,
-        secret: None,
-        ready: 0,
         splice: false,
         reconnect: false,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
-        metrics: None,
+        ..AgentConfig::new(relay.to_string(), Service::Forward(local))
     }
 }
 
@@ -306,8 +298,6 @@ fn the_agent_serves_at_most_max_clients_and_the_rest_wait_in_order() {
     let relay = start_relay();
     let agent = start_agent(AgentConfig {
         max_clients: Some(2),
-        proxy_protocol: None,
-        metrics: None,
         ..agent_config(relay.reg_addr(), local_service(echo))
     });
     let public = local(agent.relayed_port());

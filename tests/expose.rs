@@ -11,7 +11,9 @@ use std::sync::mpsc::{self, Receiver};
 use std::thread;
 
 use common::*;
-use tcp_relay::{Agent, AgentConfig, AgentError, Config, Relay, RelayedApp, RunningAgent, Service};
+use tcp_relay::{
+    Agent, AgentConfig, AgentError, Config, Relay, RelayedApp, RunningAgent, Service, ServiceConfig,
+};
 
 /// A local TCP service on 127.0.0.1:0, a thread per connection, serving
 /// each with `service`. Its threads end with the test binary.
@@ -62,18 +64,16 @@ fn http_responder(mut stream: TcpStream) {
 
 fn agent_config(relay: SocketAddr, local: SocketAddr) -> AgentConfig {
     AgentConfig {
-        relay: relay.to_string(),
-        service: Service::Forward(local),
-        port: None,
-        secret: None,
-        ready: 0,
         splice: false,
         reconnect: true,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
-        metrics: None,
+        ..AgentConfig::new(relay.to_string(), Service::Forward(local))
     }
+}
+
+/// `config` with its one service changed by `tweak`.
+fn with_service(mut config: AgentConfig, tweak: impl FnOnce(&mut ServiceConfig)) -> AgentConfig {
+    tweak(&mut config.services[0]);
+    config
 }
 
 /// Registers an agent and runs it on its own thread.
@@ -336,18 +336,18 @@ fn requested_port_is_granted_or_refused() {
     let relay = start_relay();
     let local_addr = local_service(echo);
     let wanted = free_port();
-    let agent = start_agent(AgentConfig {
-        port: Some(wanted),
-        ..agent_config(relay.reg_addr(), local_addr)
-    });
+    let agent = start_agent(with_service(
+        agent_config(relay.reg_addr(), local_addr),
+        |s| s.port = Some(wanted),
+    ));
     assert_eq!(agent.relayed_port(), wanted);
     assert_eq!(exchange(local(wanted), b"on my port"), b"on my port");
     wait_for_stats(&relay, "one app", |s| s.apps == 1);
 
-    let mut second = Agent::new(AgentConfig {
-        port: Some(wanted),
-        ..agent_config(relay.reg_addr(), local_addr)
-    })
+    let mut second = Agent::new(with_service(
+        agent_config(relay.reg_addr(), local_addr),
+        |s| s.port = Some(wanted),
+    ))
     .expect("create the second agent");
     match second.register() {
         Err(AgentError::Refused(reason)) => {
@@ -495,10 +495,10 @@ fn http_hello_example_runs_through_a_relay() {
 #[test]
 fn ready_dial_ins_serve_clients_and_are_replaced() {
     let relay = start_relay();
-    let agent = start_agent(AgentConfig {
-        ready: 4,
-        ..agent_config(relay.reg_addr(), local_service(echo))
-    });
+    let agent = start_agent(with_service(
+        agent_config(relay.reg_addr(), local_service(echo)),
+        |s| s.ready = 4,
+    ));
     wait_for_stats(&relay, "four ready dial-ins", |s| s.ready_dial_ins == 4);
     let public = local(agent.relayed_port());
     // Small and large: a large stream fills the socket buffers, so the
@@ -595,11 +595,13 @@ fn greeting_through_ready_dial_ins(secret: Option<&str>) {
     }
     let as_secret = |s: &str| tcp_relay::Secret(s.as_bytes().to_vec());
     let relay = start_relay_with(|config| config.secret = secret.map(as_secret));
-    let agent = start_agent(AgentConfig {
-        ready: 2,
-        secret: secret.map(as_secret),
-        ..agent_config(relay.reg_addr(), local_service(greeter))
-    });
+    let agent = start_agent(with_service(
+        AgentConfig {
+            secret: secret.map(as_secret),
+            ..agent_config(relay.reg_addr(), local_service(greeter))
+        },
+        |s| s.ready = 2,
+    ));
     wait_for_stats(&relay, "two ready dial-ins", |s| s.ready_dial_ins == 2);
     let public = local(agent.relayed_port());
     for i in 0..6 {

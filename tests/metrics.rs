@@ -254,17 +254,10 @@ fn hostile_status_peers_leave_apps_and_clients_served() {
 fn the_agents_status_shows_its_registration() {
     let relay = start_relay();
     let mut agent = Agent::new(AgentConfig {
-        relay: relay.reg_addr().to_string(),
-        service: Service::Echo,
-        port: None,
-        secret: None,
-        ready: 0,
         splice: false,
         reconnect: false,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
         metrics: Some(local(0)),
+        ..AgentConfig::new(relay.reg_addr().to_string(), Service::Echo)
     })
     .expect("an agent");
     let status = agent.status_addr().expect("a status address");

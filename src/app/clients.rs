@@ -43,13 +43,14 @@ impl AgentCore {
         token: Option<DialToken>,
         now: Instant,
     ) {
-        let Some(AgentConn::Registering(_, conn) | AgentConn::Registered(_, conn)) =
+        let Some(AgentConn::Registering(entry, conn) | AgentConn::Registered(entry, conn)) =
             self.table.get(link)
         else {
             return;
         };
         let line = DialLine {
             link,
+            service: entry.service,
             addr: SocketAddr::new(conn.relay().ip(), port),
             token,
         };
@@ -93,12 +94,12 @@ impl AgentCore {
                 return log::warn!("dial-in to {} failed: {e}", line.addr);
             }
         };
-        let (local, refused) = match self.config.service {
+        let (local, refused) = match self.config.services[line.service].service {
             Service::Echo => (None, false),
             Service::Forward(local) => match TcpStream::connect(local) {
                 Ok(stream) => (Some(stream), false),
                 Err(e) => {
-                    self.note_local(Some(&e));
+                    self.note_local(line.service, Some(&e));
                     (None, true)
                 }
             },
@@ -110,6 +111,7 @@ impl AgentCore {
             rx: [RxState::default(); 2],
             token: line.token,
             refused,
+            service: line.service,
         };
         match self
             .table
@@ -134,7 +136,7 @@ impl AgentCore {
         };
         let timeout = self.config.connect_timeout;
         if dialing.local.is_some() && !dialing.connected[LOCAL] {
-            self.note_local(Some(&timed_out(timeout)));
+            self.note_local(dialing.service, Some(&timed_out(timeout)));
         } else {
             log::debug!("dial-in connect timed out after {timeout:?}");
         }
@@ -147,17 +149,17 @@ impl AgentCore {
         let Some(AgentConn::Dialing(dialing)) = self.table.get_mut(id) else {
             return;
         };
-        let forwarding = dialing.local.is_some();
+        let (forwarding, service) = (dialing.local.is_some(), dialing.service);
         match dialing.advance(sub, event) {
             Connects::Pending => {}
             Connects::Ready => {
                 if forwarding {
-                    self.note_local(None);
+                    self.note_local(service, None);
                 }
                 self.start_serving(id);
                 self.pump(id);
             }
-            Connects::LocalFailed(e) => self.note_local(Some(&e)),
+            Connects::LocalFailed(e) => self.note_local(service, Some(&e)),
             Connects::Failed(why) => {
                 self.metrics.dial_in_failures += 1;
                 log::debug!("{why}");
@@ -202,21 +204,22 @@ impl AgentCore {
 
     /// Logs the local service going down (once) and coming back (once),
     /// not once per client.
-    fn note_local(&mut self, failure: Option<&io::Error>) {
-        let Service::Forward(addr) = &self.config.service else {
+    fn note_local(&mut self, service: usize, failure: Option<&io::Error>) {
+        let Service::Forward(addr) = &self.config.services[service].service else {
             return;
         };
         self.metrics.local_failures += u64::from(failure.is_some());
-        match (failure, self.local_down) {
+        let down = &mut self.local_down[service];
+        match (failure, *down) {
             (Some(e), false) => {
                 log::warn!(
                     "local service {addr} unavailable ({e}); its clients are closed until it answers"
                 );
-                self.local_down = true;
+                *down = true;
             }
             (None, true) => {
                 log::info!("local service {addr} answers again");
-                self.local_down = false;
+                *down = false;
             }
             _ => {}
         }

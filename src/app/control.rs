@@ -6,13 +6,12 @@
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::AgentError;
+use super::{AgentError, Registered};
 use super::core::AgentCore;
 use super::state::{AgentConn, LINK};
 use crate::client::{Client, Event, Failure, Phase, Registration};
@@ -28,6 +27,8 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// all come back in the same instant.
 const BACKOFF_FIRST: Duration = Duration::from_millis(250);
 const BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Attempts after which the back-off is at its cap (250 ms × 2⁷ > 30 s).
+const BACKOFF_STEPS: u32 = 7;
 
 /// A connected control connection.
 pub(super) struct LinkConn {
@@ -127,11 +128,15 @@ impl AgentCore {
             Ok(relay) => relay,
             Err(e) => return self.lost(id, now, format!("cannot reach relay: {e}")),
         };
+        let Some(AgentConn::Connecting(link, _)) = self.table.get(id) else {
+            return;
+        };
+        let service = &self.config.services[link.service];
         let registration = Registration {
             secret: self.config.secret.clone(),
-            port: self.config.port,
-            ready: self.config.ready,
-            proxy: self.config.proxy_protocol,
+            port: service.port,
+            ready: service.ready,
+            proxy: service.proxy_protocol,
         };
         self.table.transition(id, |conn| match conn {
             AgentConn::Connecting(link, stream) => {
@@ -209,14 +214,34 @@ impl AgentCore {
             }
             Event::Failed(Failure::NoSecret) => {
                 let needed = "it requires a secret and we have none (--secret or TCP_RELAY_SECRET)";
-                self.give_up(AgentError::Refused(needed.into()));
+                self.refused(id, needed.into(), now);
             }
             Event::Failed(failure) if failure.is_final() => {
-                self.give_up(AgentError::Refused(failure.to_string()));
+                self.refused(id, failure.to_string(), now)
             }
             // A passing refusal (the relay is full, out of ports): try again later.
             Event::Failed(failure) => self.lost(id, now, format!("the relay refused: {failure}")),
         }
+    }
+
+    /// A relay refused a registration for good (a wrong secret, a port
+    /// taken). At start that is a configuration error and the agent gives
+    /// up. Once serving with several registrations, the others go on: this
+    /// one keeps retrying, at the longest back-off, since the cause may pass
+    /// (the relay restarted with another secret and will be fixed, the port
+    /// will be freed), as frp and rathole clients do.
+    fn refused(&mut self, id: Id, why: String, now: Instant) {
+        let links = self.config.relays.len() * self.config.services.len();
+        if !self.started || links == 1 {
+            return self.give_up(AgentError::Refused(why));
+        }
+        log::error!("the relay refused: {why}");
+        if let Some(AgentConn::Registering(link, _) | AgentConn::Registered(link, _)) =
+            self.table.get_mut(id)
+        {
+            link.attempts = link.attempts.max(BACKOFF_STEPS);
+        }
+        self.lost(id, now, format!("the relay refused: {why}"));
     }
 
     /// Writes our lines (the answer to the challenge, our requests) in one
@@ -234,25 +259,28 @@ impl AgentCore {
     /// Registering => Registered: the relay told us our port (after one
     /// established line, or two when we asked for a port: see [`Client`]).
     fn registered(&mut self, id: Id, port: u16) {
+        let mut told = None;
+        let services = &self.config.services;
         self.table.transition(id, |conn| match conn {
             AgentConn::Registering(mut link, conn) => {
-                log::info!("registered with relay {}: relayed port {port}", conn.relay);
-                link.attempts = 0;
-                link.since = SystemTime::now();
+                let service = services[link.service].name.clone();
+                let on = if service.is_empty() { String::new() } else { format!(" for {service}") };
+                log::info!("registered with relay {}{on}: relayed port {port}", conn.relay);
+                (link.attempts, link.since, link.failed) = (0, SystemTime::now(), None);
+                told = Some(Registered { service, relay: link.relay.clone(), port });
                 AgentConn::Registered(link, conn)
             }
             other => other,
         });
-        self.public_port.store(port, Ordering::Release);
-        if let Some(tell) = self.on_registered.as_mut() {
-            tell(port);
+        self.publish_registrations();
+        if let (Some(told), Some(tell)) = (told, self.on_registered.as_mut()) {
+            tell(&told);
         }
     }
 
     /// The control connection is gone or could not be made: back off and
     /// try again (=> Reconnecting), or give up if reconnecting is off.
     pub(super) fn lost(&mut self, id: Id, now: Instant, why: String) {
-        self.public_port.store(0, Ordering::Release);
         // Dial lines name the lost registration's dial-in port: stale now.
         self.queued.retain(|line| line.link != id);
         let Some(conn) = self.table.take(id) else {
@@ -280,8 +308,10 @@ impl AgentCore {
         link.since = SystemTime::now();
         self.metrics.reconnects += 1;
         log::warn!("{why}; reconnecting in {delay:.1?}");
+        link.failed = Some(why);
         self.table.transition(id, |_| AgentConn::Reconnecting(link));
         self.table.arm(id, now + delay);
+        self.publish_registrations();
     }
 }
 

@@ -3,8 +3,7 @@
 //! timers and deferred close.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU16;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use mio::event::Event;
@@ -13,7 +12,7 @@ use mio::{Registry, Token};
 
 use super::state::{AgentConn, DIAL_IN, DIALING, DialLine, Ending, LINKS_UP, Link, SERVING};
 use super::status::Metrics;
-use super::{AgentConfig, AgentError};
+use super::{AgentConfig, AgentError, Registered};
 use crate::pipe::{Broken, Flow};
 use crate::pool::BufferPool;
 use crate::reactor::{self, Handler};
@@ -28,10 +27,11 @@ pub(super) struct AgentCore {
     pub(super) table: Table<AgentConn>, // registrations and clients
     pub(super) config: AgentConfig,     // what the user asked for
     pub(super) pool: BufferPool,        // buffers lent while bytes are in flight
-    pub(super) public_port: Arc<AtomicU16>, // relayed port, for other threads (0: none)
-    pub(super) on_registered: Option<Box<dyn FnMut(u16) + Send>>, // told each new port
+    pub(super) shared: Arc<Mutex<Vec<Registered>>>, // registrations up, for other threads
+    pub(super) on_registered: Option<Box<dyn FnMut(&Registered) + Send>>, // told each registration
     pub(super) failure: Option<AgentError>, // why we gave up, once we have
-    pub(super) local_down: bool,        // the local service is failing (logged once)
+    pub(super) started: bool, // register() returned: a refusal no longer stops every service
+    pub(super) local_down: Vec<bool>, // by service: its local side is failing (logged once)
     pub(super) max_clients: usize,      // most clients served at once
     pub(super) queued: VecDeque<DialLine>, // dial lines waiting for room, oldest first
     pub(super) crowded: bool,           // dial lines are waiting (logged once per episode)
@@ -51,10 +51,11 @@ impl AgentCore {
         let mut core = AgentCore {
             table: Table::new(registry),
             pool: BufferPool::new(BUFFER_SIZE, 16).with_splice(config.splice),
-            public_port: Arc::new(AtomicU16::new(0)),
+            shared: Arc::default(),
             on_registered: None,
             failure: None,
-            local_down: false,
+            started: false,
+            local_down: vec![false; config.services.len()],
             max_clients,
             queued: VecDeque::new(),
             crowded: false,
@@ -62,15 +63,26 @@ impl AgentCore {
             status: None,
             config,
         };
-        let link = Link {
-            relay: core.config.relay.clone(),
-            attempts: 0,
-            since: SystemTime::now(),
-        };
-        if let Ok(id) = core.table.insert(|_, _| Ok(AgentConn::Reconnecting(link))) {
-            core.table.arm(id, Instant::now());
-        }
+        core.add_links();
         core
+    }
+
+    /// One registration per service and relay, each to connect at once.
+    fn add_links(&mut self) {
+        for service in 0..self.config.services.len() {
+            for relay in self.config.relays.clone() {
+                let link = Link {
+                    relay,
+                    service,
+                    attempts: 0,
+                    since: SystemTime::now(),
+                    failed: None,
+                };
+                if let Ok(id) = self.table.insert(|_, _| Ok(AgentConn::Reconnecting(link))) {
+                    self.table.arm(id, Instant::now());
+                }
+            }
+        }
     }
 
     /// Clients being served or connected, against `max_clients`.
@@ -234,13 +246,66 @@ impl AgentCore {
         }
     }
 
-    /// The registration's relayed port, once registered (the first
-    /// registration's, when there are several).
+    /// The first service's relayed port, on the first relay it is
+    /// registered with.
     pub(super) fn relayed_port(&self) -> Option<u16> {
         self.table.iter().find_map(|(_, conn)| match conn {
-            AgentConn::Registered(_, conn) => conn.port(),
+            AgentConn::Registered(link, conn) if link.service == 0 => conn.port(),
             _ => None,
         })
+    }
+
+    /// The registrations up now.
+    pub(super) fn registrations_now(&self) -> Vec<Registered> {
+        self.table
+            .iter()
+            .filter_map(|(_, conn)| match conn {
+                AgentConn::Registered(link, conn) => Some(Registered {
+                    service: self.config.services[link.service].name.clone(),
+                    relay: link.relay.clone(),
+                    port: conn.port()?,
+                }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Tells other threads what is registered now (after a change).
+    pub(super) fn publish_registrations(&self) {
+        let now = self.registrations_now();
+        if let Ok(mut shared) = self.shared.lock() {
+            *shared = now;
+        }
+    }
+
+    /// Whether every registration has come up or failed at least once
+    /// (what [`super::Agent::register`] waits for).
+    pub(super) fn settled(&self) -> bool {
+        self.table.iter().all(|(_, conn)| match conn {
+            AgentConn::Reconnecting(link)
+            | AgentConn::Connecting(link, _)
+            | AgentConn::Registering(link, _) => link.failed.is_some(),
+            _ => true,
+        })
+    }
+
+    /// Why a service is registered with no relay at all, if one is not.
+    pub(super) fn unregistered_service(&self) -> Option<String> {
+        let up = |index: usize| {
+            self.table.iter().any(|(_, conn)| {
+                matches!(conn, AgentConn::Registered(link, _) if link.service == index)
+            })
+        };
+        let index = (0..self.config.services.len()).find(|&index| !up(index))?;
+        let why = self.table.iter().find_map(|(_, conn)| match conn {
+            AgentConn::Reconnecting(link) if link.service == index => link.failed.clone(),
+            _ => None,
+        });
+        let why = why.unwrap_or_else(|| "not registered".into());
+        match self.config.services[index].name.as_str() {
+            "" => Some(why),
+            name => Some(format!("{name}: {why}")),
+        }
     }
 
     /// Stops the loop for good; the caller reports `failure` (the command

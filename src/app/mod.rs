@@ -28,8 +28,7 @@ mod tests;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -48,26 +47,60 @@ pub enum Service {
     Forward(SocketAddr),
 }
 
-/// What an [`Agent`] needs.
+/// One service an agent publishes, on every relay it registers with.
 #[derive(Debug, Clone)]
-pub struct AgentConfig {
-    /// The relay's registration address, `HOST:PORT`; resolved at each
-    /// (re)connect, so a relay that moves to another address is followed.
-    pub relay: String,
-    /// What to do with each client.
+pub struct ServiceConfig {
+    /// Its name, for the address lines (`<name> <host>:<port>`, when there
+    /// are several) and the logs; may be empty when there is one.
+    pub name: String,
+    /// What to do with each of its clients.
     pub service: Service,
-    /// Ask the relay for this relayed port (the `port` extension).
+    /// Ask each relay for this relayed port (the `port` extension).
     pub port: Option<u16>,
-    /// The relay's shared secret, for a relay that asks for it.
-    pub secret: Option<Secret>,
-    /// Ask the relay to keep this many dial-ins ready (the `ready`
+    /// Ask each relay to keep this many dial-ins ready (the `ready`
     /// extension): a new client is then paired at once, without waiting for
     /// a dial-in round trip. Each ready dial-in is served (connected to the
     /// local service) as soon as it is made. 0: do not ask.
     pub ready: usize,
+    /// Ask each relay to begin every dial-in with a PROXY protocol header
+    /// naming the client (the `proxy` extension). The agent passes it to
+    /// the local service untouched, so the service must expect it (nginx
+    /// `listen … proxy_protocol`, HAProxy `accept-proxy`). Registration
+    /// fails if the relay does not answer the request.
+    pub proxy_protocol: Option<ProxyVersion>,
+}
+
+impl ServiceConfig {
+    /// A service with no name and no extension asked for.
+    pub fn new(service: Service) -> ServiceConfig {
+        ServiceConfig {
+            name: String::new(),
+            service,
+            port: None,
+            ready: 0,
+            proxy_protocol: None,
+        }
+    }
+}
+
+/// What an [`Agent`] needs: the relays to register with, the services to
+/// publish on each of them (one registration, with its own control
+/// connection, per service and relay), and how.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The relays' registration addresses, `HOST:PORT`, each resolved at
+    /// every (re)connect, so a relay that moves to another address is
+    /// followed. Every service registers with every relay; each
+    /// registration reconnects on its own, so losing one relay loses only
+    /// the clients that were on it.
+    pub relays: Vec<String>,
+    /// What to publish.
+    pub services: Vec<ServiceConfig>,
+    /// The relays' shared secret, for relays that ask for it.
+    pub secret: Option<Secret>,
     /// Move bytes with `splice(2)` (Linux), as [`crate::Config::splice`].
     pub splice: bool,
-    /// Reconnect when the relay goes away (otherwise the agent stops with
+    /// Reconnect when a relay goes away (otherwise the agent stops with
     /// an error).
     pub reconnect: bool,
     /// How long a client's connects (its dial-in, the local service) may
@@ -82,21 +115,64 @@ pub struct AgentConfig {
     /// for those that wait too long. `None`: sized from the descriptor
     /// limit (see [`AgentConfig::default_max_clients`]).
     pub max_clients: Option<usize>,
-    /// Ask the relay to begin every dial-in with a PROXY protocol header
-    /// naming the client (the `proxy` extension). The agent passes it to the
-    /// local service untouched, so the service must expect it (nginx
-    /// `listen … proxy_protocol`, HAProxy `accept-proxy`). Registration
-    /// fails if the relay does not answer the request.
-    pub proxy_protocol: Option<ProxyVersion>,
     /// Serve the status endpoint here (`GET /metrics`, `/status`, `/`), on
     /// the agent's own loop; `None`: no socket at all.
     pub metrics: Option<std::net::SocketAddr>,
+}
+
+/// One registration the agent holds: a service on a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// The service's name ([`ServiceConfig::name`]).
+    pub service: String,
+    /// The relay's address, as configured.
+    pub relay: String,
+    /// The relayed port the relay gave it.
+    pub port: u16,
 }
 
 impl AgentConfig {
     /// The default of [`connect_timeout`](Self::connect_timeout), as the
     /// relay's default dial-in timeout.
     pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// One service on one relay, with the defaults: no secret, splicing
+    /// where it is available, reconnecting, a 10 s connect timeout, clients
+    /// bounded by the descriptor limit, no status endpoint.
+    pub fn new(relay: impl Into<String>, service: Service) -> AgentConfig {
+        AgentConfig {
+            relays: vec![relay.into()],
+            services: vec![ServiceConfig::new(service)],
+            secret: None,
+            splice: crate::Config::default().splice,
+            reconnect: true,
+            connect_timeout: Self::DEFAULT_CONNECT_TIMEOUT,
+            max_clients: None,
+            metrics: None,
+        }
+    }
+
+    /// Whether the config can run: at least one relay and one service, and
+    /// several services each named, differently.
+    fn check(&self) -> Result<(), String> {
+        if self.relays.is_empty() {
+            return Err("no relay to register with".into());
+        }
+        if self.services.is_empty() {
+            return Err("no service to publish".into());
+        }
+        if self.services.len() > 1 {
+            for (i, service) in self.services.iter().enumerate() {
+                if service.name.is_empty() {
+                    return Err("with several services, each needs a name".into());
+                }
+                if self.services[..i].iter().any(|s| s.name == service.name) {
+                    return Err(format!("two services are named {:?}", service.name));
+                }
+            }
+        }
+        Ok(())
+    }
 
     /// The default of [`max_clients`](Self::max_clients): what the soft
     /// descriptor limit holds when every client holds all it can: two
@@ -149,7 +225,11 @@ pub struct Agent {
 
 impl Agent {
     /// An agent that will connect to `config.relay` on its first turn.
+    ///
+    /// Fails (`InvalidInput`) without a relay or a service, or when several
+    /// services do not each have a name of their own.
     pub fn new(config: AgentConfig) -> io::Result<Agent> {
+        config.check().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let reactor = Reactor::new()?;
         let status = config
             .metrics
@@ -166,32 +246,47 @@ impl Agent {
         self.core.status.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Called with the relayed port after every (re)registration, e.g. to
-    /// print the public address.
-    pub fn on_registered(&mut self, f: impl FnMut(u16) + Send + 'static) {
+    /// Called after every (re)registration of a service on a relay, e.g.
+    /// to print the public address.
+    pub fn on_registered(&mut self, f: impl FnMut(&Registered) + Send + 'static) {
         self.core.on_registered = Some(Box::new(f));
     }
 
-    /// Runs the loop until registered; returns the relayed port. Fails if
-    /// the relay cannot be reached or refuses, whatever `reconnect` says:
-    /// a first registration that fails is a configuration error.
+    /// Runs the loop until every registration has either come up or failed
+    /// once; returns the first service's relayed port. Fails if a relay
+    /// refused for good (a wrong secret, a port taken), or if a service came
+    /// up on no relay at all: a first registration that fails is a
+    /// configuration error. With several relays, one that is down at start
+    /// is retried in the background (with `reconnect`) while the others
+    /// serve.
     pub fn register(&mut self) -> Result<u16, AgentError> {
-        let reconnect = std::mem::replace(&mut self.core.config.reconnect, false);
         let outcome = self.reactor.run_while(&mut self.core, |core| {
-            core.relayed_port().is_none() && core.failure.is_none()
+            core.failure.is_none() && !core.settled()
         });
-        self.core.config.reconnect = reconnect;
         outcome.map_err(AgentError::Lost)?;
         if let Some(failure) = self.core.failure.take() {
             return Err(failure);
         }
-        self.relayed_port()
-            .ok_or_else(|| AgentError::Lost(io::Error::other("stopped before registering")))
+        if let Some(why) = self.core.unregistered_service() {
+            return Err(AgentError::Lost(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                why,
+            )));
+        }
+        let port = self.relayed_port();
+        self.core.started = port.is_some();
+        port.ok_or_else(|| AgentError::Lost(io::Error::other("stopped before registering")))
     }
 
-    /// The relayed port, once registered (it may change after a reconnect).
+    /// The first service's relayed port on the first relay it registered
+    /// with, once registered (it may change after a reconnect).
     pub fn relayed_port(&self) -> Option<u16> {
         self.core.relayed_port()
+    }
+
+    /// The registrations up now.
+    pub fn registrations(&self) -> Vec<Registered> {
+        self.core.registrations_now()
     }
 
     /// Stops the agent from another thread.
@@ -227,13 +322,13 @@ impl Agent {
     /// Runs the agent on a thread of its own; it stops when the result drops.
     pub fn spawn(self) -> io::Result<RunningAgent> {
         let stopper = self.stopper();
-        let public_port = self.core.public_port.clone();
+        let shared = self.core.shared.clone();
         let thread = thread::Builder::new()
             .name("tcp-relay-agent".into())
             .spawn(move || self.run())?;
         Ok(RunningAgent {
             stopper,
-            public_port,
+            shared,
             thread: Some(thread),
         })
     }
@@ -241,15 +336,24 @@ impl Agent {
 
 /// An agent on its own thread; dropping it stops the agent.
 pub struct RunningAgent {
-    stopper: Stopper,
-    public_port: Arc<AtomicU16>,
+    stopper: Stopper,                // stops its loop
+    shared: Arc<Mutex<Vec<Registered>>>, // its registrations, as of its last change
     thread: Option<thread::JoinHandle<Result<(), AgentError>>>,
 }
 
 impl RunningAgent {
-    /// The relayed port of the current registration (0 while unregistered).
+    /// The first service's relayed port on the first relay it registered
+    /// with (0 while unregistered).
     pub fn relayed_port(&self) -> u16 {
-        self.public_port.load(Ordering::Acquire)
+        self.registrations().first().map_or(0, |r| r.port)
+    }
+
+    /// The registrations up now.
+    pub fn registrations(&self) -> Vec<Registered> {
+        match self.shared.lock() {
+            Ok(registrations) => registrations.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
 
     /// Whether the agent's thread has ended (it gave up, or was stopped).
@@ -281,17 +385,8 @@ impl EchoApp {
     /// to get the `established` line). Does not reconnect.
     pub fn connect(relay: SocketAddr) -> io::Result<EchoApp> {
         let mut agent = Agent::new(AgentConfig {
-            relay: relay.to_string(),
-            service: Service::Echo,
-            port: None,
-            secret: None,
-            ready: 0,
-            splice: crate::Config::default().splice,
             reconnect: false,
-            connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-            max_clients: None,
-            proxy_protocol: None,
-            metrics: None,
+            ..AgentConfig::new(relay.to_string(), Service::Echo)
         })?;
         let relayed_port = agent.register()?;
         Ok(EchoApp {

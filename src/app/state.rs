@@ -113,9 +113,11 @@ pub(super) const LOCAL: usize = 1;
 
 /// What a registration is, whatever its phase: where to, and how it fares.
 pub(super) struct Link {
-    pub(super) relay: String,     // the relay's registration address, HOST:PORT
-    pub(super) attempts: u32,     // failed (re)connects in a row, for back-off
-    pub(super) since: SystemTime, // (status) when it last came up or went down
+    pub(super) relay: String,          // the relay's registration address, HOST:PORT
+    pub(super) service: usize,         // which service (index into the config's)
+    pub(super) attempts: u32,          // failed (re)connects in a row, for back-off
+    pub(super) since: SystemTime,      // (status) when it last came up or went down
+    pub(super) failed: Option<String>, // why it last failed, if it has (for `register`)
 }
 
 /// A client's connects: its dial-in to the relay and, when forwarding, its
@@ -127,6 +129,7 @@ pub(super) struct Dialing {
     pub(super) rx: [RxState; 2],         // their read halves, from every event since registered
     pub(super) token: Option<DialToken>, // to present first on the dial-in (with a secret)
     pub(super) refused: bool, // the local service failed: reset the dial-in once connected
+    pub(super) service: usize, // its service (for the local side\'s logs)
 }
 
 /// Why an entry closes.
@@ -141,6 +144,7 @@ pub(super) enum Ending {
 /// Where a client's dial line came from, and where it goes.
 pub(super) struct DialLine {
     pub(super) link: Id,                 // the registration it came on
+    pub(super) service: usize,           // its service
     pub(super) addr: SocketAddr,         // the relay's dial-in port
     pub(super) token: Option<DialToken>, // its token (with a secret)
 }

@@ -28,17 +28,8 @@ struct Harness {
 impl Harness {
     fn new(relay: SocketAddr, service: Service, tweak: impl FnOnce(&mut AgentConfig)) -> Harness {
         let mut config = AgentConfig {
-            relay: relay.to_string(),
-            service,
-            port: None,
-            secret: None,
-            ready: 0,
             splice: false,
-            reconnect: true,
-            connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-            max_clients: None,
-            proxy_protocol: None,
-            metrics: None,
+            ..AgentConfig::new(relay.to_string(), service)
         };
         tweak(&mut config);
         let poll = Poll::new().expect("a poll");
@@ -301,7 +292,7 @@ fn a_proxy_request_registers_only_once_answered() {
     use crate::ProxyVersion;
     let relay = FakeRelay::new();
     let mut h = Harness::new(relay.addr(), Service::Echo, |c| {
-        c.proxy_protocol = Some(ProxyVersion::V2);
+        c.services[0].proxy_protocol = Some(ProxyVersion::V2);
     });
     h.until("registering", |s| s == ["Registering"]);
     let (mut control, mut lines) = relay.accept();
@@ -320,7 +311,7 @@ fn a_proxy_request_registers_only_once_answered() {
 
     let relay = FakeRelay::new();
     let mut h = Harness::new(relay.addr(), Service::Echo, |c| {
-        c.proxy_protocol = Some(ProxyVersion::V1);
+        c.services[0].proxy_protocol = Some(ProxyVersion::V1);
     });
     h.until("registering", |s| s == ["Registering"]);
     let (mut control, _) = relay.accept();

@@ -220,19 +220,12 @@ fn a_port_request_outside_the_range_is_refused() {
         ),
     }
 
-    let mut agent = Agent::new(AgentConfig {
-        relay: relay.reg_addr().to_string(),
-        service: Service::Echo,
-        port: Some(lo - 1),
-        secret: None,
-        reconnect: true,
-        ready: 0,
+    let mut config = AgentConfig {
         splice: false,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
-        metrics: None,
-    })
+        ..AgentConfig::new(relay.reg_addr().to_string(), Service::Echo)
+    };
+    config.services[0].port = Some(lo - 1);
+    let mut agent = Agent::new(config)
     .expect("create the agent");
     match agent.register() {
         Err(AgentError::Refused(reason)) => assert!(reason.contains("outside"), "{reason:?}"),

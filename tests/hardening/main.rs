@@ -95,17 +95,10 @@ pub fn auth_line_for(secret: &[u8], nonce: &[u8]) -> String {
 /// An agent for the relay at `reg`, not yet registered.
 pub fn agent(reg: SocketAddr, service: Service, secret: Option<&str>) -> Agent {
     Agent::new(AgentConfig {
-        relay: reg.to_string(),
-        service,
-        port: None,
         secret: secret.map(self::secret),
         reconnect: false,
-        ready: 0,
         splice: false,
-        connect_timeout: AgentConfig::DEFAULT_CONNECT_TIMEOUT,
-        max_clients: None,
-        proxy_protocol: None,
-        metrics: None,
+        ..AgentConfig::new(reg.to_string(), service)
     })
     .expect("create the agent")
 }
