@@ -21,11 +21,12 @@
 
 use std::fmt;
 
+use crate::access::{AllowList, RateLimit};
 use crate::auth::{self, DialToken};
 use crate::config::Secret;
 use crate::protocol::{
-    LineReader, MAX_LINE, MAX_READY, ProtocolError, Refusal, RelayLine, auth_line,
-    parse_relay_line, port_request_line, proxy_line, ready_line,
+    LineReader, MAX_LINE, MAX_READY, ProtocolError, Refusal, RelayLine, allow_line, auth_line,
+    parse_relay_line, port_request_line, proxy_line, rate_line, ready_line,
 };
 use crate::proxy_protocol::ProxyVersion;
 
@@ -43,6 +44,49 @@ pub struct Registration {
     /// naming its client (the `proxy` extension); the relay says yes with a
     /// `proxy` line of its own, and registration waits for it.
     pub proxy: Option<ProxyVersion>,
+    /// Admit to our port only clients from these sources (the `allow`
+    /// extension), on top of the relay's own list; the relay says yes with
+    /// the same line, and registration waits for it.
+    pub allow: Option<AllowList>,
+    /// At most this many new clients per source (the `rate` extension); the
+    /// relay answers with the limit it will apply (ours, or stricter where
+    /// its own is), and registration waits for it.
+    pub rate: Option<RateLimit>,
+}
+
+/// The requests the relay answers with a line of its own (`proxy`,
+/// `allow`, `rate`) that are still unanswered: registration waits for them,
+/// so an app that needs one never serves on a relay that ignored it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unanswered {
+    /// Our `proxy` request.
+    pub proxy: bool,
+    /// Our `allow` request.
+    pub allow: bool,
+    /// Our `rate` request.
+    pub rate: bool,
+}
+
+impl Unanswered {
+    /// What `registration` asks that needs an answer.
+    fn of(registration: &Registration) -> Unanswered {
+        Unanswered {
+            proxy: registration.proxy.is_some(),
+            allow: registration.allow.is_some(),
+            rate: registration.rate.is_some(),
+        }
+    }
+
+    /// The first request still unanswered, by its line's name.
+    pub fn first(&self) -> Option<&'static str> {
+        [
+            (self.proxy, "proxy"),
+            (self.allow, "allow"),
+            (self.rate, "rate"),
+        ]
+        .into_iter()
+        .find_map(|(pending, name)| pending.then_some(name))
+    }
 }
 
 /// Where a registration stands.
@@ -53,10 +97,10 @@ pub enum Phase {
     Connected,
     /// Greeted; `seen` established lines have come, not yet all we need
     /// (with a `port` request, `seen == 1` means the relay has not answered
-    /// the request yet), or the answer to our `proxy` request has not.
+    /// the request yet), or a request that needs an answer has none yet.
     Registering {
-        seen: usize, // established lines so far
-        proxy: bool, // the relay answered our `proxy` request (or we made none)
+        seen: usize,            // established lines so far
+        unanswered: Unanswered, // requests still waiting for the relay's answer
     },
     /// Registered on this relayed port; dial lines follow.
     Registered(u16),
@@ -200,6 +244,8 @@ impl Client {
             Ok(RelayLine::Dial(port, token)) => events.push(Event::Dial { port, token }),
             Ok(RelayLine::Error(refusal)) => self.fail(Failure::Refused(refusal), events),
             Ok(RelayLine::Proxy(version)) => self.proxy_granted(version, events),
+            Ok(RelayLine::Allow(list)) => self.allow_granted(list, events),
+            Ok(RelayLine::Rate(limit)) => self.rate_granted(limit, events),
             Err(e) => events.push(Event::Unparsable(e)),
         }
     }
@@ -213,8 +259,11 @@ impl Client {
         }
         match self.greeting(nonce) {
             Ok(bytes) => {
-                let proxy = self.registration.proxy.is_none();
-                self.phase = Phase::Registering { seen: 0, proxy };
+                let unanswered = Unanswered::of(&self.registration);
+                self.phase = Phase::Registering {
+                    seen: 0,
+                    unanswered,
+                };
                 if !bytes.is_empty() {
                     events.push(Event::Send(bytes.into_bytes()));
                 }
@@ -242,6 +291,12 @@ impl Client {
         if let Some(version) = wanted.proxy {
             lines += &proxy_line(version);
         }
+        if let Some(list) = &wanted.allow {
+            lines += &allow_line(list);
+        }
+        if let Some(limit) = wanted.rate {
+            lines += &rate_line(limit);
+        }
         Ok(lines)
     }
 
@@ -257,10 +312,10 @@ impl Client {
     /// registered on its port.
     fn established(&mut self, port: u16, events: &mut Vec<Event>) {
         match self.phase {
-            Phase::Registering { seen, proxy } => {
+            Phase::Registering { seen, unanswered } => {
                 self.phase = Phase::Registering {
                     seen: seen + 1,
-                    proxy,
+                    unanswered,
                 };
                 self.registered_if_answered(port, events);
             }
@@ -273,25 +328,62 @@ impl Client {
     /// The relay's `proxy` line: the answer to our request, if it grants
     /// the version we asked for; anything else changes nothing.
     fn proxy_granted(&mut self, version: ProxyVersion, events: &mut Vec<Event>) {
-        match self.phase {
-            Phase::Registering { seen, proxy: false }
-                if self.registration.proxy == Some(version) =>
-            {
-                self.phase = Phase::Registering { seen, proxy: true };
-                self.registered_if_answered(self.last_port, events);
-            }
-            _ => events.push(Event::Unparsable(ProtocolError::Unexpected(proxy_line(
-                version,
-            )))),
+        let granted = self.registration.proxy == Some(version);
+        self.answered(granted, |u| &mut u.proxy, proxy_line(version), events);
+    }
+
+    /// The relay's `allow` line: the answer to our request, if it names
+    /// the list we asked for.
+    fn allow_granted(&mut self, list: AllowList, events: &mut Vec<Event>) {
+        let granted = self.registration.allow.as_ref() == Some(&list);
+        self.answered(granted, |u| &mut u.allow, allow_line(&list), events);
+    }
+
+    /// The relay's `rate` line: the answer to our request, if the limit it
+    /// will apply is no looser than ours (it may be stricter: its own).
+    fn rate_granted(&mut self, limit: RateLimit, events: &mut Vec<Event>) {
+        let granted = self
+            .registration
+            .rate
+            .is_some_and(|asked| limit.stricter(asked) == limit);
+        if granted && self.registration.rate != Some(limit) {
+            log::info!("the relay limits our clients to {limit} per source (its own limit)");
         }
+        self.answered(granted, |u| &mut u.rate, rate_line(limit), events);
+    }
+
+    /// An answer to a request of ours: if it grants what we asked while we
+    /// wait for it, it is answered (and we may be registered now); any
+    /// other such line changes nothing.
+    fn answered(
+        &mut self,
+        granted: bool,
+        which: fn(&mut Unanswered) -> &mut bool,
+        line: String,
+        events: &mut Vec<Event>,
+    ) {
+        if let Phase::Registering {
+            seen,
+            mut unanswered,
+        } = self.phase
+            && granted
+            && *which(&mut unanswered)
+        {
+            *which(&mut unanswered) = false;
+            self.phase = Phase::Registering { seen, unanswered };
+            return self.registered_if_answered(self.last_port, events);
+        }
+        let line = line.trim_end().to_owned();
+        events.push(Event::Unparsable(ProtocolError::Unexpected(line)));
     }
 
     /// Registering => Registered once every answer we wait for has come:
     /// the established lines (one, or two after a `port` request), and the
-    /// `proxy` answer if we asked.
+    /// answers to `proxy`, `allow` and `rate` if we asked.
     fn registered_if_answered(&mut self, port: u16, events: &mut Vec<Event>) {
         self.last_port = port;
-        if let Phase::Registering { seen, proxy: true } = self.phase
+        if let Phase::Registering { seen, unanswered } = self.phase
+            && unanswered == Unanswered::default()
             && seen >= self.established_needed()
         {
             self.phase = Phase::Registered(port);
@@ -318,7 +410,7 @@ mod tests {
             secret: secret.then(|| Secret(SECRET.to_vec())),
             port,
             ready,
-            proxy: None,
+            ..Registration::default()
         })
     }
 
@@ -356,7 +448,7 @@ mod tests {
             c.phase(),
             Phase::Registering {
                 seen: 1,
-                proxy: true
+                unanswered: Unanswered::default()
             }
         );
         assert_eq!(c.registered_port(), None);
@@ -439,7 +531,7 @@ mod tests {
             c.phase(),
             Phase::Registering {
                 seen: 0,
-                proxy: true
+                unanswered: Unanswered::default()
             }
         );
         // A second challenge is not answered again.
@@ -449,6 +541,61 @@ mod tests {
             c.feed(established_line(9000).as_bytes()),
             [Event::Registered(9000)]
         );
+    }
+
+    /// `proxy`, `allow` and `rate` are each answered with a line of the
+    /// relay's, in any order and split anywhere; registration waits for all
+    /// of them, and a line that grants something else answers nothing.
+    #[test]
+    fn requests_that_need_answers_register_only_once_all_are_answered() {
+        let limit = |text: &str, burst| RateLimit::new(text.parse().expect("a rate"), burst);
+        let list: AllowList = "10.0.0.0/8,::1".parse().expect("a list");
+        let asked = Registration {
+            proxy: Some(ProxyVersion::V2),
+            allow: Some(list.clone()),
+            rate: Some(limit("10/s", None)),
+            ..Registration::default()
+        };
+        let mut c = Client::new(asked.clone());
+        let events = c.feed(established_line(8081).as_bytes());
+        let requests = "proxy v2\nallow 10.0.0.0/8,::1/128\nrate 10/s 10\n";
+        assert_eq!(events, [send(requests)], "one write, every request");
+        // A looser rate than we asked is no answer; nor another list.
+        let wrong =
+            rate_line(limit("20/s", None)) + &allow_line(&"0.0.0.0/0".parse().expect("list"));
+        let events = c.feed(wrong.as_bytes());
+        assert!(
+            matches!(events[..], [Event::Unparsable(_), Event::Unparsable(_)]),
+            "{events:?}"
+        );
+        let first = c.phase();
+        assert_eq!(
+            first,
+            Phase::Registering {
+                seen: 1,
+                unanswered: Unanswered {
+                    proxy: true,
+                    allow: true,
+                    rate: true
+                }
+            }
+        );
+        // The relay's own, stricter limit answers ours.
+        let answers = rate_line(limit("1/s", Some(std::num::NonZeroU32::MIN)))
+            + &allow_line(&list)
+            + &proxy_line(ProxyVersion::V2);
+        let events = feed_bytewise(&mut c, answers.as_bytes());
+        assert_eq!(events, [Event::Registered(8081)]);
+
+        // Without the answers (an old relay), no registration.
+        let mut c = Client::new(asked);
+        c.feed(established_line(8081).as_bytes());
+        let events = c.feed((allow_line(&list) + &proxy_line(ProxyVersion::V2)).as_bytes());
+        assert_eq!(events, []);
+        let Phase::Registering { unanswered, .. } = c.phase() else {
+            panic!("still registering: {:?}", c.phase());
+        };
+        assert_eq!(unanswered.first(), Some("rate"));
     }
 
     #[test]

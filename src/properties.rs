@@ -779,7 +779,7 @@ proptest! {
             secret: secret.then(|| Secret(b"s".to_vec())),
             port,
             ready,
-            proxy: None,
+            ..Registration::default()
         };
         let stream = script.concat().into_bytes();
         let whole = run_client(&registration, &[&stream]);

@@ -43,12 +43,28 @@
 //! does) changes nothing. An app should serve a dial-in as soon as it has
 //! it: bytes it sends before a client arrives wait for the client.
 //!
+//! Three more requests, each answered by the relay with the same line as it
+//! will apply, so an app that needs one waits for the answer and does not
+//! serve on a relay that ignored it (an old one):
+//!
+//! ```text
+//! proxy v1|v2\n                 begin each dial-in with a PROXY header naming its client
+//! allow <CIDR>[,<CIDR>...]\n    admit to my port only clients from these sources
+//! rate <N>/s|<N>/m [<BURST>]\n  at most this many new clients per source
+//! ```
+//!
+//! `allow` applies on top of the relay's `--allow-clients` (a client must
+//! be on both lists); the relay answers `rate` with the stricter of the
+//! app's limit and its own `--client-rate` in each respect, so an app can
+//! only tighten what the relay enforces, never loosen it.
+//!
 //! Ports are decimal without sign, padding or spaces. Lines end in `\n`; a
 //! reader tolerates a `\r` before it. Nothing here touches a socket, so the
 //! parser is tested (and fuzzable) on bytes alone.
 
 use std::fmt;
 
+use crate::access::{AllowList, RateLimit};
 use crate::auth::{DialToken, TOKEN_LINE_LEN, hex, unhex};
 use crate::proxy_protocol::ProxyVersion;
 
@@ -139,14 +155,24 @@ pub enum AppLine {
     /// `proxy <v1|v2>`: begin each of my dial-ins with a PROXY protocol
     /// header naming its client.
     Proxy(ProxyVersion),
+    /// `allow <CIDR>[,<CIDR>...]`: only clients from these sources.
+    Allow(AllowList),
+    /// `rate <N>/s|<N>/m [<BURST>]`: new clients per source, at most.
+    Rate(RateLimit),
     /// Anything else: ignored, as the original relay ignored everything.
     Other,
 }
 
 /// Parses an app's line. A line that starts like a request this side
-/// knows (`auth`, `port`, `ready`, `proxy`) but does not parse is an error;
-/// any other line is [`AppLine::Other`].
+/// knows (`auth`, `port`, `ready`, `proxy`, `allow`, `rate`) but does not
+/// parse is an error; any other line is [`AppLine::Other`].
 pub fn parse_app_line(line: &str) -> Result<AppLine, ProtocolError> {
+    if let Some(list) = line.strip_prefix(ALLOW_PREFIX) {
+        return parse_allow(list).map(AppLine::Allow);
+    }
+    if let Some(limit) = line.strip_prefix(RATE_PREFIX) {
+        return parse_rate(limit).map(AppLine::Rate);
+    }
     if let Some(answer) = line.strip_prefix(AUTH_PREFIX) {
         return unhex(answer)
             .map(AppLine::Auth)
@@ -213,6 +239,45 @@ fn parse_proxy(field: &str) -> Result<ProxyVersion, ProtocolError> {
     }
 }
 
+/// Prefix of the app's allow-list request, and of the relay's answer.
+const ALLOW_PREFIX: &str = "allow ";
+
+/// The line asking for (app to relay), or granting (relay to app), an
+/// allow-list of client sources for the app's relayed port.
+pub fn allow_line(list: &AllowList) -> String {
+    format!("{ALLOW_PREFIX}{list}\n")
+}
+
+/// Parses the list of an `allow` line: CIDR blocks, comma-separated.
+fn parse_allow(field: &str) -> Result<AllowList, ProtocolError> {
+    field
+        .parse()
+        .map_err(|e| ProtocolError::Unexpected(format!("allow {}: {e}", truncated(field))))
+}
+
+/// Prefix of the app's rate request, and of the relay's answer.
+const RATE_PREFIX: &str = "rate ";
+
+/// The line asking for (app to relay), or granting (relay to app), a limit
+/// of new clients per source: `rate <N>/s|<N>/m <BURST>`.
+pub fn rate_line(limit: RateLimit) -> String {
+    format!("{RATE_PREFIX}{} {}\n", limit.rate, limit.burst)
+}
+
+/// Parses the limit of a `rate` line: a rate, then optionally a burst.
+fn parse_rate(field: &str) -> Result<RateLimit, ProtocolError> {
+    let bad = || ProtocolError::Unexpected(format!("rate {}", truncated(field)));
+    let (rate, burst) = match field.split_once(' ') {
+        Some((rate, burst)) => (rate, Some(burst)),
+        None => (field, None),
+    };
+    let rate = rate.parse().map_err(|_| bad())?;
+    let burst = burst
+        .map(|b| crate::access::parse_burst(b).map_err(|_| bad()))
+        .transpose()?;
+    Ok(RateLimit::new(rate, burst))
+}
+
 /// A line the relay sent to an app.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayLine {
@@ -227,6 +292,13 @@ pub enum RelayLine {
     /// `proxy <v1|v2>`: the relay will begin every dial-in with a PROXY
     /// protocol header of that version (the answer to the app's request).
     Proxy(ProxyVersion),
+    /// `allow <CIDR>[,...]`: the relay admits to the app's port only
+    /// clients from these sources (the answer to the app's request).
+    Allow(AllowList),
+    /// `rate <N>/s|<N>/m <BURST>`: the per-source limit the relay applies
+    /// to the app's port (the app's request, made no looser than the
+    /// relay's own).
+    Rate(RateLimit),
 }
 
 /// Parses a relay's line (without `\n`). An error line always parses: a
@@ -247,6 +319,12 @@ pub fn parse_relay_line(line: &str) -> Result<RelayLine, ProtocolError> {
     }
     if let Some(version) = line.strip_prefix(PROXY_PREFIX) {
         return parse_proxy(version).map(RelayLine::Proxy);
+    }
+    if let Some(list) = line.strip_prefix(ALLOW_PREFIX) {
+        return parse_allow(list).map(RelayLine::Allow);
+    }
+    if let Some(limit) = line.strip_prefix(RATE_PREFIX) {
+        return parse_rate(limit).map(RelayLine::Rate);
     }
     match line.split_once(' ') {
         Some((port, token)) => {
@@ -295,6 +373,12 @@ pub enum Refusal {
     BadReadyRequest(String),
     /// `bad proxy request: <DETAIL>`: our `proxy` line named no version.
     BadProxyRequest(String),
+    /// `bad allow request: <DETAIL>`: our `allow` line was not a list of
+    /// CIDR blocks.
+    BadAllowRequest(String),
+    /// `bad rate request: <DETAIL>`: our `rate` line was not a rate and
+    /// burst.
+    BadRateRequest(String),
     /// A reason this side does not know (a newer relay's), verbatim.
     Other(String),
 }
@@ -307,6 +391,8 @@ const NO_RELAYED_PORT: &str = "no relayed port: ";
 const BAD_PORT_REQUEST: &str = "bad port request: ";
 const BAD_READY_REQUEST: &str = "bad ready request: ";
 const BAD_PROXY_REQUEST: &str = "bad proxy request: ";
+const BAD_ALLOW_REQUEST: &str = "bad allow request: ";
+const BAD_RATE_REQUEST: &str = "bad rate request: ";
 const PORT_WORD: &str = "port ";
 const IS_TAKEN: &str = "is taken";
 const IS_UNAVAILABLE: &str = "is unavailable: ";
@@ -330,7 +416,9 @@ impl Refusal {
             | Refusal::PortTaken(_)
             | Refusal::PortUnavailable(..)
             | Refusal::BadReadyRequest(_)
-            | Refusal::BadProxyRequest(_) => true,
+            | Refusal::BadProxyRequest(_)
+            | Refusal::BadAllowRequest(_)
+            | Refusal::BadRateRequest(_) => true,
             Refusal::TooManyApps | Refusal::NoRelayedPort(_) | Refusal::Other(_) => false,
         }
     }
@@ -355,6 +443,12 @@ impl Refusal {
         }
         if let Some(detail) = detail(BAD_PROXY_REQUEST) {
             return Some(Refusal::BadProxyRequest(detail));
+        }
+        if let Some(detail) = detail(BAD_ALLOW_REQUEST) {
+            return Some(Refusal::BadAllowRequest(detail));
+        }
+        if let Some(detail) = detail(BAD_RATE_REQUEST) {
+            return Some(Refusal::BadRateRequest(detail));
         }
         Refusal::parse_port_refusal(reason.strip_prefix(PORT_WORD)?)
     }
@@ -392,6 +486,8 @@ impl fmt::Display for Refusal {
             }
             Refusal::BadReadyRequest(detail) => write!(f, "{BAD_READY_REQUEST}{detail}"),
             Refusal::BadProxyRequest(detail) => write!(f, "{BAD_PROXY_REQUEST}{detail}"),
+            Refusal::BadAllowRequest(detail) => write!(f, "{BAD_ALLOW_REQUEST}{detail}"),
+            Refusal::BadRateRequest(detail) => write!(f, "{BAD_RATE_REQUEST}{detail}"),
             Refusal::Other(reason) => f.write_str(reason),
         }
     }
@@ -645,6 +741,8 @@ mod tests {
             Refusal::PortUnavailable(22, "Permission denied (os error 13)".into()),
             Refusal::BadReadyRequest("unexpected line \"ready 65\"".into()),
             Refusal::BadProxyRequest("unexpected line \"proxy v3\"".into()),
+            Refusal::BadAllowRequest("unexpected line \"allow 10.0.0.0/33\"".into()),
+            Refusal::BadRateRequest("unexpected line \"rate 0/s\"".into()),
             Refusal::Other("rate limited".into()),
         ]
     }
@@ -660,7 +758,9 @@ mod tests {
             Refusal::PortUnavailable(..) => 6,
             Refusal::BadReadyRequest(_) => 7,
             Refusal::BadProxyRequest(_) => 8,
-            Refusal::Other(_) => 9,
+            Refusal::BadAllowRequest(_) => 9,
+            Refusal::BadRateRequest(_) => 10,
+            Refusal::Other(_) => 11,
         }
     }
 
@@ -668,7 +768,7 @@ mod tests {
     fn every_refusal_parses_back_to_itself_through_its_line() {
         let all = every_refusal();
         let kinds: std::collections::BTreeSet<usize> = all.iter().map(kind).collect();
-        assert_eq!(kinds, (0..=9).collect(), "one sample of every kind");
+        assert_eq!(kinds, (0..=11).collect(), "one sample of every kind");
         for refusal in all {
             let line = error_line(&refusal);
             assert_eq!(line, format!("error {refusal}\n"));
@@ -693,6 +793,8 @@ mod tests {
                 "port 22 is unavailable: Permission denied (os error 13)",
                 "bad ready request: unexpected line \"ready 65\"",
                 "bad proxy request: unexpected line \"proxy v3\"",
+                "bad allow request: unexpected line \"allow 10.0.0.0/33\"",
+                "bad rate request: unexpected line \"rate 0/s\"",
                 "rate limited",
             ]
         );

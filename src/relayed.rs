@@ -33,6 +33,7 @@ use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::access::{AllowList, RateLimit};
 use crate::auth::DialToken;
 use crate::client::{Client, Event, Failure, Registration};
 use crate::config::Secret;
@@ -115,6 +116,14 @@ pub struct RegisterOptions {
     /// gives the client's address. Registration fails if the relay does not
     /// answer the request.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// Ask the relay to admit to our port only clients from these sources
+    /// (the `allow` extension), on top of its own `--allow-clients`.
+    /// Registration fails if the relay does not answer the request.
+    pub allow_clients: Option<AllowList>,
+    /// Ask the relay to limit new clients per source address (the `rate`
+    /// extension); it applies ours, or its own `--client-rate` where that
+    /// is stricter. Registration fails if the relay does not answer.
+    pub client_rate: Option<RateLimit>,
 }
 
 /// What failing to register (or, with a garbled line, to go on) gives.
@@ -201,6 +210,8 @@ impl RelayedApp {
             port: options.port,
             ready: 0,
             proxy: options.proxy_protocol,
+            allow: options.allow_clients.clone(),
+            rate: options.client_rate,
         };
         let mut control = Control {
             stream,

@@ -202,7 +202,11 @@ fn hostile_status_peers_leave_apps_and_clients_served() {
     slow.write_all(b"GET /metrics HTTP/1.1\r\nHo")
         .expect("half a request");
     let huge = std::thread::spawn(move || {
-        let mut stream = connect(status);
+        // Racing the idle flood below, it may be one the endpoint turns
+        // away (reset: it keeps a handful of connections): also a fine end.
+        let Ok(mut stream) = try_connect(status) else {
+            return String::new();
+        };
         let _ = stream.write_all(&vec![b'a'; 1 << 20]); // cut off early
         let mut answer = String::new();
         let _ = stream.read_to_string(&mut answer);

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant, SystemTime};
 use mio::Interest;
 use mio::net::TcpStream;
 
-use super::{AgentError, Registered};
 use super::core::AgentCore;
 use super::state::{AgentConn, LINK};
+use super::{AgentError, Registered};
 use crate::client::{Client, Event, Failure, Phase, Registration};
 use crate::reactor;
 use crate::sockio::{Io, keep_alive, read_slice, write_slice};
@@ -51,10 +51,12 @@ impl LinkConn {
     /// Why registering took too long, for the log line.
     pub(super) fn registration_timed_out(&self) -> String {
         match self.client.phase() {
-            Phase::Registering { proxy: false, .. } => {
-                "the relay did not answer the PROXY protocol request \
-                 (does it support --proxy-protocol?)"
-                    .into()
+            Phase::Registering { unanswered, .. } if unanswered.first().is_some() => {
+                let request = unanswered.first().unwrap_or_default();
+                format!(
+                    "the relay did not answer our {request} request \
+                     (is it a tcp-relay that supports it?)"
+                )
             }
             Phase::Registering { seen, .. } if seen > 0 => {
                 "the relay did not answer the port request (does it support --port?)".into()
@@ -137,6 +139,8 @@ impl AgentCore {
             port: service.port,
             ready: service.ready,
             proxy: service.proxy_protocol,
+            allow: service.allow_clients.clone(),
+            rate: service.client_rate,
         };
         self.table.transition(id, |conn| match conn {
             AgentConn::Connecting(link, stream) => {
@@ -264,10 +268,21 @@ impl AgentCore {
         self.table.transition(id, |conn| match conn {
             AgentConn::Registering(mut link, conn) => {
                 let service = services[link.service].name.clone();
-                let on = if service.is_empty() { String::new() } else { format!(" for {service}") };
-                log::info!("registered with relay {}{on}: relayed port {port}", conn.relay);
+                let on = if service.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {service}")
+                };
+                log::info!(
+                    "registered with relay {}{on}: relayed port {port}",
+                    conn.relay
+                );
                 (link.attempts, link.since, link.failed) = (0, SystemTime::now(), None);
-                told = Some(Registered { service, relay: link.relay.clone(), port });
+                told = Some(Registered {
+                    service,
+                    relay: link.relay.clone(),
+                    port,
+                });
                 AgentConn::Registered(link, conn)
             }
             other => other,

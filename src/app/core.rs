@@ -23,19 +23,22 @@ use crate::table::{Id, Table};
 const BUFFER_SIZE: usize = 64 * 1024;
 
 /// The agent's state, driven by the reactor.
+/// What [`super::Agent::on_registered`] calls.
+pub(super) type OnRegistered = Box<dyn FnMut(&Registered) + Send>;
+
 pub(super) struct AgentCore {
     pub(super) table: Table<AgentConn>, // registrations and clients
     pub(super) config: AgentConfig,     // what the user asked for
     pub(super) pool: BufferPool,        // buffers lent while bytes are in flight
     pub(super) shared: Arc<Mutex<Vec<Registered>>>, // registrations up, for other threads
-    pub(super) on_registered: Option<Box<dyn FnMut(&Registered) + Send>>, // told each registration
+    pub(super) on_registered: Option<OnRegistered>, // told each registration
     pub(super) failure: Option<AgentError>, // why we gave up, once we have
     pub(super) started: bool, // register() returned: a refusal no longer stops every service
     pub(super) local_down: Vec<bool>, // by service: its local side is failing (logged once)
-    pub(super) max_clients: usize,      // most clients served at once
+    pub(super) max_clients: usize, // most clients served at once
     pub(super) queued: VecDeque<DialLine>, // dial lines waiting for room, oldest first
-    pub(super) crowded: bool,           // dial lines are waiting (logged once per episode)
-    pub(super) metrics: Metrics,        // (status) counters of what happened
+    pub(super) crowded: bool, // dial lines are waiting (logged once per episode)
+    pub(super) metrics: Metrics, // (status) counters of what happened
     pub(super) status: Option<TcpListener>, // (status) the status endpoint, if asked for
 }
 
@@ -292,9 +295,9 @@ impl AgentCore {
     /// Why a service is registered with no relay at all, if one is not.
     pub(super) fn unregistered_service(&self) -> Option<String> {
         let up = |index: usize| {
-            self.table.iter().any(|(_, conn)| {
-                matches!(conn, AgentConn::Registered(link, _) if link.service == index)
-            })
+            self.table.iter().any(
+                |(_, conn)| matches!(conn, AgentConn::Registered(link, _) if link.service == index),
+            )
         };
         let index = (0..self.config.services.len()).find(|&index| !up(index))?;
         let why = self.table.iter().find_map(|(_, conn)| match conn {

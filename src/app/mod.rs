@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use crate::access::{AllowList, RateLimit};
 use crate::config::Secret;
 use crate::proxy_protocol::ProxyVersion;
 use crate::reactor::{Reactor, Stopper};
@@ -68,6 +69,15 @@ pub struct ServiceConfig {
     /// `listen … proxy_protocol`, HAProxy `accept-proxy`). Registration
     /// fails if the relay does not answer the request.
     pub proxy_protocol: Option<ProxyVersion>,
+    /// Ask each relay to admit to this service's port only clients from
+    /// these sources (the `allow` extension), on top of the relay's own
+    /// `--allow-clients`. Registration fails if a relay does not answer.
+    pub allow_clients: Option<AllowList>,
+    /// Ask each relay to limit this service's new clients per source
+    /// address (the `rate` extension); a relay applies this, or its own
+    /// `--client-rate` where that is stricter. Registration fails if a
+    /// relay does not answer.
+    pub client_rate: Option<RateLimit>,
 }
 
 impl ServiceConfig {
@@ -79,6 +89,8 @@ impl ServiceConfig {
             port: None,
             ready: 0,
             proxy_protocol: None,
+            allow_clients: None,
+            client_rate: None,
         }
     }
 }
@@ -229,7 +241,9 @@ impl Agent {
     /// Fails (`InvalidInput`) without a relay or a service, or when several
     /// services do not each have a name of their own.
     pub fn new(config: AgentConfig) -> io::Result<Agent> {
-        config.check().map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        config
+            .check()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let reactor = Reactor::new()?;
         let status = config
             .metrics
@@ -336,7 +350,7 @@ impl Agent {
 
 /// An agent on its own thread; dropping it stops the agent.
 pub struct RunningAgent {
-    stopper: Stopper,                // stops its loop
+    stopper: Stopper,                    // stops its loop
     shared: Arc<Mutex<Vec<Registered>>>, // its registrations, as of its last change
     thread: Option<thread::JoinHandle<Result<(), AgentError>>>,
 }

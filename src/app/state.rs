@@ -113,10 +113,10 @@ pub(super) const LOCAL: usize = 1;
 
 /// What a registration is, whatever its phase: where to, and how it fares.
 pub(super) struct Link {
-    pub(super) relay: String,          // the relay's registration address, HOST:PORT
-    pub(super) service: usize,         // which service (index into the config's)
-    pub(super) attempts: u32,          // failed (re)connects in a row, for back-off
-    pub(super) since: SystemTime,      // (status) when it last came up or went down
+    pub(super) relay: String,     // the relay's registration address, HOST:PORT
+    pub(super) service: usize,    // which service (index into the config's)
+    pub(super) attempts: u32,     // failed (re)connects in a row, for back-off
+    pub(super) since: SystemTime, // (status) when it last came up or went down
     pub(super) failed: Option<String>, // why it last failed, if it has (for `register`)
 }
 

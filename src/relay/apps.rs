@@ -168,7 +168,7 @@ impl RelayCore {
     }
 
     /// Acts on what the app asked for since the last time (`port`, `ready`,
-    /// `proxy`).
+    /// `proxy`, `allow`, `rate`).
     fn answer_requests(&mut self, id: Id, now: Instant) {
         let Some(app) = self.app_mut(id) else {
             return;
@@ -179,8 +179,20 @@ impl RelayCore {
             requests.ready.take(),
             requests.proxy.take(),
         );
+        let (allow, rate) = (requests.allow.take(), requests.rate.take());
         if let Some(request) = port {
             self.answer_port_request(id, request);
+        }
+        // Before `ready` too: a ready dial-in waits for an admitted client.
+        match allow {
+            Some(Ok(list)) => self.answer_allow_request(id, list),
+            Some(Err(e)) => return self.refuse(id, Refusal::BadAllowRequest(e.to_string())),
+            None => {}
+        }
+        match rate {
+            Some(Ok(limit)) => self.answer_rate_request(id, limit),
+            Some(Err(e)) => return self.refuse(id, Refusal::BadRateRequest(e.to_string())),
+            None => {}
         }
         // Before `ready`: the ready dial-ins it asks for begin with headers.
         if let Some(request) = proxy {

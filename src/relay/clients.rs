@@ -41,6 +41,9 @@ impl RelayCore {
         peer: SocketAddr,
         now: Instant,
     ) {
+        if !self.client_may_connect(app, peer, now) {
+            return reset_on_close(&stream);
+        }
         no_delay(&stream);
         while let Some(spare) = self.live_spare(app, now) {
             match self.hand_spare(app, spare, stream, peer, now) {
@@ -209,6 +212,9 @@ impl RelayCore {
         peer: SocketAddr,
         now: Instant,
     ) {
+        if !self.app_may_connect(Listener::DialIn, peer, now) {
+            return reset_on_close(&stream);
+        }
         let Some(app) = self.app(app_id) else {
             return;
         };

@@ -15,6 +15,7 @@ use mio::net::{TcpListener, TcpStream};
 use mio::{Registry, Token};
 
 use super::Stats;
+use super::access::Access;
 use super::state::{
     APPLICANTS, APPS, App, CLIENT, CONTROL, DIAL, Ending, PIPES, PRESENTING, RELAYED, RelayConn,
     SPARES, UNWRAPPING, WAITING,
@@ -67,6 +68,7 @@ pub(super) struct RelayCore {
     pub(super) reserved: usize,         // dial-ins promised room (see `committed`)
     pub(super) backlog: usize,          // the listen backlog the kernel grants
     pub(super) crowded: Alarm,          // the app limit is being hit
+    pub(super) access: Access,          // (access) the relay's rate limit, refusal episodes
     pub(super) published: Arc<Mutex<Stats>>, // the counts as of the last turn
     pub(super) metrics: Metrics,        // (status) counters of what happened
     pub(super) status: Option<TcpListener>, // (status) the status endpoint, if asked for
@@ -150,6 +152,7 @@ impl RelayCore {
             reserved: 0,
             backlog: granted_backlog(&reg, config.backlog),
             crowded: Alarm::default(),
+            access: Access::new(config.client_rate),
             published: Arc::default(),
             metrics: Metrics::default(),
             status: None,
@@ -363,6 +366,9 @@ impl RelayCore {
             STATUS_LISTENER => return self.admit_observer(stream, now),
             REG_LISTENER => {
                 self.metrics.accepted(Listener::Registration);
+                if !self.app_may_connect(Listener::Registration, peer, now) {
+                    return reset_on_close(&stream);
+                }
                 if !self.has_room(1) {
                     self.metrics.refused(Listener::Registration, Refused::Limit);
                     return reset_on_close(&stream);
@@ -466,7 +472,7 @@ impl RelayCore {
     fn reap(&mut self) {
         while let Some((_, conn, ending)) = self.table.pop_closed() {
             match conn {
-                RelayConn::App(app) => self.retire_app(app, ending),
+                RelayConn::App(app) => self.retire_app(*app, ending),
                 RelayConn::AwaitingDialIn(mut waiting) => {
                     if let Some(replay) = waiting.replay.take() {
                         self.pool.give(replay);

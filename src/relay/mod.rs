@@ -13,8 +13,10 @@
 //! deleting that file and the few match arms that name its states:
 //! `auth` (the secret: challenge and dial-in tokens), `ready` (ready
 //! dial-ins), `port` (a relayed port asked for), `proxy` (clients' real
-//! addresses: PROXY protocol headers to apps, and from balancers).
+//! addresses: PROXY protocol headers to apps, and from balancers),
+//! `access` (who may connect: allow-lists and per-source rate limits).
 
+mod access;
 mod apps;
 mod auth;
 mod clients;

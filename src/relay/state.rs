@@ -28,9 +28,11 @@ use std::time::{Instant, SystemTime};
 use mio::event::Event;
 use mio::net::{TcpListener, TcpStream};
 
+use super::access::AppAccess;
 use super::auth::{Applicant, Presenter};
 use super::proxy::Unwrap;
 use super::ready::{ReadyPool, Spare};
+use crate::access::{AllowList, RateLimit};
 use crate::auth::DialToken;
 use crate::buffer::Buffer;
 use crate::ops::server::StatusConn;
@@ -52,7 +54,9 @@ const CONTROL_READ_BUDGET: usize = 8;
 /// One entry of the relay's table.
 pub(super) enum RelayConn {
     /// An app: its control connection and the two listeners opened for it.
-    App(App),
+    /// Boxed: an app is the largest state by far, and every entry of the
+    /// table (mostly clients and pipes) is as large as its largest state.
+    App(Box<App>),
     /// A client accepted on a relayed port, waiting for its app's dial-in.
     /// Its bytes wait in the kernel: nothing is read until there is a peer.
     AwaitingDialIn(Waiting),
@@ -269,9 +273,10 @@ pub(super) struct App {
     pub(super) presenting: usize,       // (auth) its dial-ins presenting their token
     pub(super) ready: ReadyPool,        // (ready) its ready dial-ins
     pub(super) proxy: Option<ProxyVersion>, // (proxy) the header its dial-ins begin with
-    pub(super) pipes: usize,            // (status) its clients being piped
-    pub(super) bytes: (u64, u64),       // (status) bytes relayed to it, and from it
-    pub(super) since: SystemTime,       // (status) when it registered
+    pub(super) access: Option<Box<AppAccess>>, // (access) its own allow-list and rate limit, if it asked
+    pub(super) pipes: usize,                   // (status) its clients being piped
+    pub(super) bytes: (u64, u64),              // (status) bytes relayed to it, and from it
+    pub(super) since: SystemTime,              // (status) when it registered
 }
 
 impl App {
@@ -280,8 +285,8 @@ impl App {
         control: ControlConn,
         (relayed, dial): (TcpListener, TcpListener),
         (relayed_port, dial_port): (u16, u16),
-    ) -> Self {
-        App {
+    ) -> Box<Self> {
+        Box::new(App {
             control,
             relayed,
             relayed_port,
@@ -295,10 +300,11 @@ impl App {
             presenting: 0,
             ready: ReadyPool::default(),
             proxy: None,
+            access: None,
             pipes: 0,
             bytes: (0, 0),
             since: SystemTime::now(),
-        }
+        })
     }
 
     /// When the app's timer should fire: the deadline of the oldest dial
@@ -341,14 +347,17 @@ impl App {
 }
 
 /// Requests an app made and the relay has not acted on yet. The original
-/// protocol has no app-to-relay lines; the extensions are `port`, `ready`
-/// and `proxy`. Other lines are counted and ignored (the first is logged).
+/// protocol has no app-to-relay lines; the extensions are `port`, `ready`,
+/// `proxy`, `allow` and `rate`. Other lines are counted and ignored (the
+/// first is logged).
 #[derive(Default)]
 pub(super) struct Requests {
     pub(super) port: Option<Result<u16, ProtocolError>>, // `port N` (the last one wins)
     pub(super) ready: Option<Result<usize, ProtocolError>>, // `ready N` (the last one wins)
     pub(super) proxy: Option<Result<ProxyVersion, ProtocolError>>, // `proxy vN` (the last one wins)
-    ignored: u64,                                        // lines this relay does not know
+    pub(super) allow: Option<Result<AllowList, ProtocolError>>, // `allow CIDR,...` (the last one wins)
+    pub(super) rate: Option<Result<RateLimit, ProtocolError>>,  // `rate N/s B` (the last one wins)
+    ignored: u64,                                               // lines this relay does not know
 }
 
 impl Requests {
@@ -358,7 +367,11 @@ impl Requests {
             Ok(AppLine::Port(port)) => self.port = Some(Ok(port)),
             Ok(AppLine::Ready(n)) => self.ready = Some(Ok(n)),
             Ok(AppLine::Proxy(version)) => self.proxy = Some(Ok(version)),
+            Ok(AppLine::Allow(list)) => self.allow = Some(Ok(list)),
+            Ok(AppLine::Rate(limit)) => self.rate = Some(Ok(limit)),
             Err(e) if line.starts_with("port ") => self.port = Some(Err(e)),
+            Err(e) if line.starts_with("allow ") => self.allow = Some(Err(e)),
+            Err(e) if line.starts_with("rate ") => self.rate = Some(Err(e)),
             Err(e) if line.starts_with("ready ") => self.ready = Some(Err(e)),
             Err(e) if line.starts_with("proxy ") => self.proxy = Some(Err(e)),
             Ok(AppLine::Auth(_) | AppLine::Other) | Err(_) => {

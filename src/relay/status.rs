@@ -106,6 +106,12 @@ impl Metrics {
     }
 
     /// Connections refused, all listeners and reasons together.
+    /// Connections refused on `listener` for `reason` so far.
+    #[cfg(test)]
+    pub(super) fn refused_count(&self, listener: Listener, reason: Refused) -> u64 {
+        self.refused[listener as usize][reason as usize]
+    }
+
     fn refused_total(&self) -> u64 {
         self.refused.iter().flatten().sum()
     }
@@ -199,6 +205,21 @@ impl RelayCore {
             "Buffers lent to pipes with bytes in flight.",
             self.pool.lent() as u64,
         );
+        w.gauge(
+            "tcp_relay_rate_limited_sources",
+            "Source addresses the per-source rate limits track (bounded).",
+            self.rate_sources() as u64,
+        );
+    }
+
+    /// Sources tracked by the relay's rate limit and every app's.
+    fn rate_sources(&self) -> usize {
+        let apps = self.table.iter().filter_map(|(_, conn)| conn.app());
+        self.access.rate_sources()
+            + apps
+                .filter_map(|app| app.access.as_ref())
+                .map(|a| a.rate_sources())
+                .sum::<usize>()
     }
 
     fn prometheus_counters(&self, w: &mut TextWriter) {
@@ -322,6 +343,13 @@ fn extensions(app: &App, secret: bool) -> Vec<String> {
     }
     if let Some(version) = app.proxy {
         used.push(format!("proxy {version}"));
+    }
+    let access = app.access.as_deref();
+    if let Some(list) = access.and_then(|a| a.allow.as_ref()) {
+        used.push(format!("allow {list}"));
+    }
+    if let Some((limit, _)) = access.and_then(|a| a.limit.as_ref()) {
+        used.push(format!("rate {limit}"));
     }
     used
 }

@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll};
 
+use std::num::NonZeroU32;
+
 use super::core::{REG_LISTENER, RelayCore};
+use super::status::{Listener, Refused};
+use crate::access::RateLimit;
 use crate::auth::{self, DialToken};
 use crate::config::{Config, Secret};
 use crate::protocol::{auth_line, token_line};
@@ -603,4 +607,167 @@ fn a_header_from_an_untrusted_source_is_client_data() {
     let mut dial_in = connect(local(dial_line(&mut lines).0));
     h.until("the pipe", |s| s.contains(&"Piping"));
     assert_eq!(read_n(&mut dial_in, forged.len()), forged);
+}
+
+// ---- access (who may connect) -------------------------------------------
+
+/// A connection to `addr` from `source` (another loopback address).
+fn connect_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket
+        .bind(&SocketAddr::new(source, 0).into())
+        .expect("bind the source address");
+    socket
+        .connect_timeout(&addr.into(), PATIENCE)
+        .expect("connect");
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    stream
+}
+
+const OTHER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+impl Harness {
+    /// Runs turns until `count` connections were refused on `listener` for
+    /// `reason`.
+    fn until_refused(&mut self, listener: Listener, reason: Refused, count: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.core.metrics.refused_count(listener, reason) < count {
+            assert!(Instant::now() < deadline, "never refused {count}");
+            self.turn_at(Instant::now());
+        }
+        assert_eq!(self.core.metrics.refused_count(listener, reason), count);
+    }
+}
+
+/// (none) => (none): an app from a source not in `--allow-apps` is reset
+/// before it is an entry, on the registration and the dial-in port alike;
+/// one from a listed source registers and is served.
+#[test]
+fn an_app_not_on_the_allow_list_is_reset_at_once() {
+    let mut h = Harness::new(|c| c.allow_apps = Some("127.0.0.1".parse().expect("cidr")));
+    let mut stranger = connect_from(OTHER, h.reg);
+    h.until_refused(Listener::Registration, Refused::Allow, 1);
+    assert!(ended_without_a_byte(&mut stranger));
+    assert_eq!(h.states(), Vec::<&str>::new());
+    let (_control, mut lines, port) = h.app();
+    let _client = connect(local(port));
+    h.until("waiting", |s| s.contains(&"AwaitingDialIn"));
+    let (dial_port, _) = dial_line(&mut lines);
+    let mut intruder = connect_from(OTHER, local(dial_port));
+    h.until_refused(Listener::DialIn, Refused::Allow, 1);
+    assert!(ended_without_a_byte(&mut intruder));
+    assert_eq!(h.states(), ["App", "AwaitingDialIn"]);
+    let _dial_in = connect(local(dial_port));
+    h.until("the pipe", |s| s.contains(&"Piping"));
+}
+
+/// (none) => (none): a client not in `--allow-clients` is reset before it
+/// is an entry and before its app hears of it; a listed one waits.
+#[test]
+fn a_client_not_on_the_allow_list_is_reset_at_once() {
+    let mut h = Harness::new(|c| c.allow_clients = Some("127.0.0.2/32".parse().expect("cidr")));
+    let (_control, mut lines, port) = h.app();
+    let mut stranger = connect(local(port));
+    h.until_refused(Listener::Relayed, Refused::Allow, 1);
+    assert!(ended_without_a_byte(&mut stranger));
+    assert_eq!(h.states(), ["App"]);
+    let _listed = connect_from(OTHER, local(port));
+    h.until("waiting", |s| s.contains(&"AwaitingDialIn"));
+    dial_line(&mut lines); // the first dial line is the listed client's
+}
+
+/// (none) => (none): beyond its burst, a source's clients are reset; the
+/// bucket refills at the rate, and other sources have buckets of their own.
+#[test]
+fn clients_over_the_rate_are_reset_until_their_bucket_refills() {
+    let mut h = Harness::new(|c| {
+        c.client_rate = Some(RateLimit::new(
+            "1/s".parse().expect("rate"),
+            NonZeroU32::new(2),
+        ));
+    });
+    let (_control, _lines, port) = h.app();
+    let start = Instant::now();
+    let _first = connect(local(port));
+    let _second = connect(local(port));
+    h.until("two waiting", |s| {
+        s.iter().filter(|&&n| n == "AwaitingDialIn").count() == 2
+    });
+    let mut third = connect(local(port));
+    h.until_refused(Listener::Relayed, Refused::Rate, 1);
+    assert!(ended_without_a_byte(&mut third));
+    let _other = connect_from(OTHER, local(port));
+    h.until("another source", |s| {
+        s.iter().filter(|&&n| n == "AwaitingDialIn").count() == 3
+    });
+    // A second later by the relay's clock, one more token.
+    let _fourth = connect(local(port));
+    let later = start + Duration::from_millis(1500);
+    let deadline = Instant::now() + PATIENCE;
+    while h.count("AwaitingDialIn") < 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the refilled token never admitted it"
+        );
+        h.turn_at(later);
+    }
+    assert_eq!(
+        h.core
+            .metrics
+            .refused_count(Listener::Relayed, Refused::Rate),
+        1
+    );
+}
+
+/// App => App: an app's `allow` and `rate` requests are answered with what
+/// will apply (its rate made no looser than the relay's) and applied to its
+/// port on top of the relay's own checks.
+#[test]
+fn an_app_may_tighten_who_connects_but_never_loosen_it() {
+    let mut h = Harness::new(|c| {
+        c.client_rate = Some(RateLimit::new("2/s".parse().expect("rate"), None));
+    });
+    let (mut control, mut lines, port) = h.app();
+    control
+        .write_all(b"allow 127.0.0.2\nrate 100/s 50\n")
+        .expect("ask");
+    h.until("answered", |_| true);
+    assert_eq!(line(&mut lines), "allow 127.0.0.2/32\n");
+    assert_eq!(
+        line(&mut lines),
+        "rate 2/s 2\n",
+        "the relay's stricter limit"
+    );
+    let mut stranger = connect(local(port));
+    h.until_refused(Listener::Relayed, Refused::Allow, 1);
+    assert!(ended_without_a_byte(&mut stranger));
+    let _a = connect_from(OTHER, local(port));
+    let _b = connect_from(OTHER, local(port));
+    h.until("two waiting", |s| {
+        s.iter().filter(|&&n| n == "AwaitingDialIn").count() == 2
+    });
+    let mut over = connect_from(OTHER, local(port));
+    h.until_refused(Listener::Relayed, Refused::Rate, 1);
+    assert!(ended_without_a_byte(&mut over));
+}
+
+/// App => closed: an `allow` or `rate` request that does not parse is
+/// refused with its own reason.
+#[test]
+fn a_bad_allow_or_rate_request_is_refused() {
+    for (request, reason) in [
+        ("allow 10.0.0.0/33\n", "error bad allow request: "),
+        ("allow \n", "error bad allow request: "),
+        ("rate 0/s\n", "error bad rate request: "),
+        ("rate 5/h 2\n", "error bad rate request: "),
+    ] {
+        let mut h = Harness::new(|_| {});
+        let (mut control, mut lines, _) = h.app();
+        control.write_all(request.as_bytes()).expect("ask");
+        h.until("refused", <[&str]>::is_empty);
+        let answer = line(&mut lines);
+        assert!(answer.starts_with(reason), "{request:?}: {answer:?}");
+    }
 }

@@ -225,8 +225,7 @@ fn a_port_request_outside_the_range_is_refused() {
         ..AgentConfig::new(relay.reg_addr().to_string(), Service::Echo)
     };
     config.services[0].port = Some(lo - 1);
-    let mut agent = Agent::new(config)
-    .expect("create the agent");
+    let mut agent = Agent::new(config).expect("create the agent");
     match agent.register() {
         Err(AgentError::Refused(reason)) => assert!(reason.contains("outside"), "{reason:?}"),
         other => panic!("expected a refusal, got {other:?}"),
