@@ -699,6 +699,49 @@ mod tests {
         }
     }
 
+    /// `allow` and `rate` lines round trip both ways (the app's request
+    /// and the relay's answer have one format), the burst defaulting to the
+    /// rate's count; malformed ones are errors, not ignored lines.
+    #[test]
+    fn allow_and_rate_lines_round_trip() {
+        for text in ["127.0.0.1/32", "10.0.0.0/8,192.0.2.7/32,2001:db8::/32"] {
+            let list: AllowList = text.parse().expect("a list");
+            let line = allow_line(&list);
+            assert_eq!(line, format!("allow {text}\n"));
+            let line = line.trim_end();
+            assert_eq!(parse_app_line(line), Ok(AppLine::Allow(list.clone())));
+            assert_eq!(parse_relay_line(line), Ok(RelayLine::Allow(list)));
+        }
+        for (text, canonical) in [
+            ("10/s", "10/s 10"),
+            ("30/m 5", "30/m 5"),
+            ("1/s 1", "1/s 1"),
+        ] {
+            let AppLine::Rate(limit) = parse_app_line(&format!("rate {text}")).expect("parses")
+            else {
+                panic!("not a rate line: {text}");
+            };
+            assert_eq!(rate_line(limit), format!("rate {canonical}\n"));
+            let again = parse_relay_line(&format!("rate {canonical}"));
+            assert_eq!(again, Ok(RelayLine::Rate(limit)));
+        }
+        for bad in [
+            "allow ",
+            "allow 10.0.0.0/33",
+            "allow 10.0.0.0/8,",
+            "allow host.example",
+            "rate ",
+            "rate 0/s",
+            "rate 5/h",
+            "rate 5/s 0",
+            "rate 5/s x",
+            "rate -1/s",
+        ] {
+            assert!(parse_app_line(bad).is_err(), "{bad:?}");
+            assert!(parse_relay_line(bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn relay_lines_parse_into_their_kinds() {
         let est = established_line(8081);

@@ -151,13 +151,10 @@ impl AgentCore {
                 self.pump(id);
             }
             Some(AgentConn::Piping(pipe)) => {
-                if let Some(event) = event {
-                    let end = if sub == DIAL_IN {
-                        &mut pipe.a
-                    } else {
-                        &mut pipe.b
-                    };
-                    end.note(event);
+                match (event, sub == DIAL_IN) {
+                    (Some(event), true) => pipe.a.note(event),  // the dial-in
+                    (Some(event), false) => pipe.b.note(event), // the local service
+                    (None, _) => {}
                 }
                 self.pump(id);
             }

@@ -110,67 +110,73 @@ impl AgentCore {
 
     /// `/metrics`: the Prometheus text format 0.0.4.
     fn prometheus(&self) -> String {
-        let census = self.table.census();
-        let m = &self.metrics;
         let mut w = TextWriter::new();
-        w.gauge(
-            "tcp_relay_agent_registrations_up",
-            "Registrations with a relay that are up.",
-            census.count(LINKS_UP) as u64,
-        );
-        w.gauge(
-            "tcp_relay_agent_registrations_down",
-            "Registrations connecting or waiting to reconnect.",
-            census.count(LINKS_DOWN) as u64,
-        );
-        w.gauge(
-            "tcp_relay_agent_clients",
-            "Clients being connected or served.",
-            (census.count(DIALING) + census.count(SERVING)) as u64,
-        );
-        w.gauge(
-            "tcp_relay_agent_dial_requests_queued",
-            "Dial requests waiting for room under --max-clients.",
-            self.queued.len() as u64,
-        );
-        w.counter(
-            "tcp_relay_agent_reconnects_total",
-            "Times a registration was lost and tried again.",
-            m.reconnects,
-        );
-        w.counter(
-            "tcp_relay_agent_clients_served_total",
-            "Clients whose connects completed.",
-            m.served,
-        );
-        w.counter(
-            "tcp_relay_agent_local_connect_failures_total",
-            "Connects to the local service that failed or timed out.",
-            m.local_failures,
-        );
-        w.counter(
-            "tcp_relay_agent_dial_in_failures_total",
-            "Dial-ins to the relay that could not be made.",
-            m.dial_in_failures,
-        );
-        let (to_service, to_client) = self.bytes();
-        w.family(
-            "tcp_relay_agent_bytes_total",
-            "Bytes piped, by direction.",
-            Kind::Counter,
-        );
-        w.sample(
-            "tcp_relay_agent_bytes_total",
-            &[("direction", "to_service")],
-            to_service,
-        );
-        w.sample(
-            "tcp_relay_agent_bytes_total",
-            &[("direction", "to_client")],
-            to_client,
-        );
+        self.prometheus_gauges(&mut w);
+        self.prometheus_counters(&mut w);
         w.process(&ProcessMetrics::read());
         w.finish()
+    }
+
+    fn prometheus_gauges(&self, w: &mut TextWriter) {
+        let census = self.table.census();
+        w.gauges(&[
+            (
+                "tcp_relay_agent_registrations_up",
+                "Registrations with a relay that are up.",
+                census.count(LINKS_UP) as u64,
+            ),
+            (
+                "tcp_relay_agent_registrations_down",
+                "Registrations connecting or waiting to reconnect.",
+                census.count(LINKS_DOWN) as u64,
+            ),
+            (
+                "tcp_relay_agent_clients",
+                "Clients being connected or served.",
+                (census.count(DIALING) + census.count(SERVING)) as u64,
+            ),
+            (
+                "tcp_relay_agent_dial_requests_queued",
+                "Dial requests waiting for room under --max-clients.",
+                self.queued.len() as u64,
+            ),
+        ]);
+    }
+
+    fn prometheus_counters(&self, w: &mut TextWriter) {
+        let m = &self.metrics;
+        w.counters(&[
+            (
+                "tcp_relay_agent_reconnects_total",
+                "Times a registration was lost and tried again.",
+                m.reconnects,
+            ),
+            (
+                "tcp_relay_agent_clients_served_total",
+                "Clients whose connects completed.",
+                m.served,
+            ),
+            (
+                "tcp_relay_agent_local_connect_failures_total",
+                "Connects to the local service that failed or timed out.",
+                m.local_failures,
+            ),
+            (
+                "tcp_relay_agent_dial_in_failures_total",
+                "Dial-ins to the relay that could not be made.",
+                m.dial_in_failures,
+            ),
+        ]);
+        let (to_service, to_client) = self.bytes();
+        let bytes = [("to_service", to_service), ("to_client", to_client)];
+        let help = "Bytes piped, by direction.";
+        w.by_label(
+            "tcp_relay_agent_bytes_total",
+            help,
+            Kind::Counter,
+            "direction",
+            &bytes,
+        );
     }
 
     /// `/status`: totals, and one object per registration.

@@ -123,6 +123,35 @@ impl TextWriter {
         self.sample(name, &[], value);
     }
 
+    /// Gauge families of one unlabelled sample each: (name, help, value).
+    pub fn gauges(&mut self, gauges: &[(&str, &str, u64)]) {
+        for &(name, help, value) in gauges {
+            self.gauge(name, help, value);
+        }
+    }
+
+    /// Counter families of one unlabelled sample each: (name, help, value).
+    pub fn counters(&mut self, counters: &[(&str, &str, u64)]) {
+        for &(name, help, value) in counters {
+            self.counter(name, help, value);
+        }
+    }
+
+    /// A family with one sample per value of a single label.
+    pub fn by_label(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: Kind,
+        label: &str,
+        values: &[(&str, u64)],
+    ) {
+        self.family(name, help, kind);
+        for &(value_of_label, value) in values {
+            self.sample(name, &[(label, value_of_label)], value);
+        }
+    }
+
     /// A histogram family with one unlabelled series.
     pub fn histogram(&mut self, name: &str, help: &str, histogram: &Histogram) {
         self.family(name, help, Kind::Histogram);

@@ -267,6 +267,17 @@ impl RelayCore {
             app.ready.spares.retain(|&k| k != spare);
             app.ready.lost = 0; // its ready dial-ins serve: the service is up
         }
+        self.join_spare(spare, client, peer, now);
+        self.piped(app_id, std::time::Duration::ZERO);
+        self.pump(spare, now);
+        self.top_up(app_id, now);
+        self.flush_later(app_id);
+        Ok(())
+    }
+
+    /// Standby => Piping (on trial): the client joins the ready dial-in's
+    /// entry, already registered under its token.
+    fn join_spare(&mut self, spare: Id, client: TcpStream, peer: SocketAddr, now: Instant) {
         self.table.transition(spare, |conn| match conn {
             RelayConn::Standby(ready) => {
                 let client = Endpoint::new(client, RxState::registered());
@@ -276,11 +287,6 @@ impl RelayCore {
             other => other,
         });
         log::debug!("client {peer}: handed a ready dial-in");
-        self.piped(app_id, std::time::Duration::ZERO);
-        self.pump(spare, now);
-        self.top_up(app_id, now);
-        self.flush_later(app_id);
-        Ok(())
     }
 
     /// Begins a ready dial-in with the PROXY header naming its client, if

@@ -224,61 +224,52 @@ impl RelayCore {
 
     fn prometheus_counters(&self, w: &mut TextWriter) {
         let m = &self.metrics;
-        w.family(
+        let bytes = [("to_app", m.to_apps), ("to_client", m.to_clients)];
+        let help = "Bytes relayed, by direction.";
+        w.by_label(
             "tcp_relay_bytes_total",
-            "Bytes relayed, by direction.",
+            help,
             Kind::Counter,
+            "direction",
+            &bytes,
         );
-        w.sample(
-            "tcp_relay_bytes_total",
-            &[("direction", "to_app")],
-            m.to_apps,
-        );
-        w.sample(
-            "tcp_relay_bytes_total",
-            &[("direction", "to_client")],
-            m.to_clients,
-        );
-        w.family(
-            "tcp_relay_connections_accepted_total",
-            "Connections accepted, by listener.",
-            Kind::Counter,
-        );
-        for (name, listener) in LISTENERS {
-            let labels = [("listener", name)];
-            w.sample(
-                "tcp_relay_connections_accepted_total",
-                &labels,
-                m.accepted[listener as usize],
-            );
-        }
-        w.family(
-            "tcp_relay_connections_refused_total",
-            "Connections refused, by listener and reason.",
-            Kind::Counter,
-        );
-        for (name, listener) in LISTENERS {
+        let accepted = LISTENERS.map(|(name, listener)| (name, m.accepted[listener as usize]));
+        let help = "Connections accepted, by listener.";
+        let name = "tcp_relay_connections_accepted_total";
+        w.by_label(name, help, Kind::Counter, "listener", &accepted);
+        self.prometheus_refusals(w);
+        w.counters(&[
+            (
+                "tcp_relay_dial_in_timeouts_total",
+                "Clients closed because no dial-in came in time.",
+                m.dial_in_timeouts,
+            ),
+            (
+                "tcp_relay_auth_failures_total",
+                "Apps that failed (or never answered) the challenge.",
+                m.auth_failures,
+            ),
+            (
+                "tcp_relay_descriptor_exhaustions_total",
+                "Episodes of accepting failing for want of descriptors.",
+                m.descriptor_exhaustions,
+            ),
+        ]);
+    }
+
+    /// Refusals, by listener and reason (every pair, zeros included, so a
+    /// rate over them needs no `absent()`).
+    fn prometheus_refusals(&self, w: &mut TextWriter) {
+        let name = "tcp_relay_connections_refused_total";
+        let help = "Connections refused, by listener and reason.";
+        w.family(name, help, Kind::Counter);
+        for (listener_name, listener) in LISTENERS {
             for (reason, code) in REASONS {
-                let count = m.refused[listener as usize][code as usize];
-                let labels = [("listener", name), ("reason", reason)];
-                w.sample("tcp_relay_connections_refused_total", &labels, count);
+                let count = self.metrics.refused[listener as usize][code as usize];
+                let labels = [("listener", listener_name), ("reason", reason)];
+                w.sample(name, &labels, count);
             }
         }
-        w.counter(
-            "tcp_relay_dial_in_timeouts_total",
-            "Clients closed because no dial-in came in time.",
-            m.dial_in_timeouts,
-        );
-        w.counter(
-            "tcp_relay_auth_failures_total",
-            "Apps that failed (or never answered) the challenge.",
-            m.auth_failures,
-        );
-        w.counter(
-            "tcp_relay_descriptor_exhaustions_total",
-            "Episodes of accepting failing for want of descriptors.",
-            m.descriptor_exhaustions,
-        );
     }
 
     /// `/status`: the totals and one object per app, as JSON (the shape
