@@ -29,8 +29,10 @@
 # it), BURST_BYTES (each way per client, 4 MiB), IDLE (connections held,
 # 8000), PATHS (subset of "direct relay tunnel bore rathole"), READY
 # (dial-ins `expose` keeps ready, 8; 0 for the plain protocol), SPLICE=0
-# (relays and expose copy through rings instead of splicing), KEEP=1 keeps
-# the raw outputs.
+# (relays and expose copy through rings instead of splicing), RELAY_ARGS
+# (more `serve` flags for both relays, e.g. RELAY_ARGS="--allow-clients
+# 127.0.0.0/8 --allow-apps 127.0.0.1 --client-rate 100000/s" to measure
+# the access checks; words split on spaces), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
 
@@ -49,6 +51,7 @@ READY=${READY:-8}
 # splice(2), the default.
 NO_SPLICE=()
 [ "${SPLICE:-1}" = 0 ] && NO_SPLICE=(--no-splice)
+read -r -a EXTRA_RELAY_ARGS <<<"${RELAY_ARGS:-}"
 
 OUT=$(mktemp -d /tmp/relay-compare.XXXXXX)
 PIDS=()
@@ -117,7 +120,7 @@ PROC[direct]=$echo_server
 
 # Relay only: its own relay process, with the built-in echo app.
 REG1=$("$LOAD" free-port)
-start relay1 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG1" --relay-style random "${NO_SPLICE[@]}"
+start relay1 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG1" --relay-style random "${NO_SPLICE[@]}" "${EXTRA_RELAY_ARGS[@]}"
 wait_port "$REG1" || { note "relay did not start"; exit 1; }
 start echo_app "$RELAY" --log-level warn echo --relay "127.0.0.1:$REG1"
 ADDR[relay]=$(first_line "$OUT/echo_app.out") || { note "echo app did not register"; exit 1; }
@@ -125,7 +128,7 @@ PROC[relay]="$relay1 $echo_app"
 
 # Tunnel: a second relay, with `expose` forwarding to the echo server.
 REG2=$("$LOAD" free-port)
-start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random "${NO_SPLICE[@]}"
+start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random "${NO_SPLICE[@]}" "${EXTRA_RELAY_ARGS[@]}"
 wait_port "$REG2" || { note "relay did not start"; exit 1; }
 start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$ECHO_ADDR" --no-reconnect --ready "$READY" "${NO_SPLICE[@]}"
 ADDR[tunnel]=$(first_line "$OUT/expose.out") || { note "expose did not register"; exit 1; }

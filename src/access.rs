@@ -464,6 +464,7 @@ impl SourceLimiter {
         self.buckets.len()
     }
 
+    #[cfg(test)] // only the tests read it
     /// Whether no source is tracked.
     pub fn is_empty(&self) -> bool {
         self.buckets.is_empty()

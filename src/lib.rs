@@ -38,14 +38,10 @@
 // re-exported below. With the `fuzzing` feature (the fuzz targets in
 // `fuzz/` enable it) the pure parts they exercise are public, hidden from
 // the docs.
-// Not wired in yet: the PROXY protocol (issue 11), operations (issue 12) and
-// access control (issue 13) land in the relay next.
-#[allow(dead_code)]
 pub(crate) mod access;
 pub(crate) mod app;
 pub(crate) mod buffer;
 pub(crate) mod config;
-#[allow(dead_code)]
 pub(crate) mod ops;
 pub(crate) mod pipe;
 pub(crate) mod pool;

@@ -58,7 +58,16 @@ pub trait Handler {
     fn is_ready(&self) -> bool {
         true
     }
+    /// One line on how the handler fares, for `systemctl status`
+    /// (`STATUS=…`, sent when it changes, at most every few seconds).
+    fn status_line(&self) -> Option<String> {
+        None
+    }
 }
+
+/// How often the status line is looked at: `systemctl status` is read by
+/// people, and the line costs a census and a datagram.
+const STATUS_PERIOD: Duration = Duration::from_secs(5);
 
 /// A poll, its stop handle and, if asked for, SIGINT/SIGTERM delivery.
 pub struct Reactor {
@@ -74,6 +83,7 @@ struct Systemd {
     notifier: Notifier,                    // `$NOTIFY_SOCKET`
     ready: bool,                           // `READY=1` sent
     watchdog: Option<(Duration, Instant)>, // ping period, and the next ping
+    status: (String, Instant),             // the last status line sent, and when to look again
 }
 
 impl Reactor {
@@ -128,6 +138,7 @@ impl Reactor {
             notifier,
             ready: false,
             watchdog,
+            status: (String::new(), Instant::now()),
         });
         true
     }
@@ -152,11 +163,11 @@ impl Reactor {
     /// One turn; returns whether a stop was requested.
     fn turn(&mut self, handler: &mut impl Handler) -> io::Result<bool> {
         let now = Instant::now();
-        let watchdog = self.systemd.as_ref().and_then(|s| s.watchdog);
-        let timeout = match (handler.poll_timeout(now), watchdog) {
-            (timeout, Some((_, at))) => {
-                let ping = at.saturating_duration_since(now);
-                Some(timeout.map_or(ping, |t| t.min(ping)))
+        let systemd_due = self.systemd.as_ref().and_then(Systemd::next_due);
+        let timeout = match (handler.poll_timeout(now), systemd_due) {
+            (timeout, Some(at)) => {
+                let due = at.saturating_duration_since(now);
+                Some(timeout.map_or(due, |t| t.min(due)))
             }
             (timeout, None) => timeout,
         };
@@ -182,18 +193,34 @@ impl Reactor {
         }
         handler.end_turn(now);
         if let Some(systemd) = self.systemd.as_mut() {
-            systemd.after_turn(handler.is_ready(), now);
+            systemd.after_turn(handler, now);
         }
         Ok(false)
     }
 }
 
 impl Systemd {
+    /// When the loop must turn for systemd: the next watchdog ping, or the
+    /// next look at the status line once ready.
+    fn next_due(&self) -> Option<Instant> {
+        let ping = self.watchdog.map(|(_, at)| at);
+        let status = self.ready.then_some(self.status.1);
+        earliest(ping, status)
+    }
+
     /// `READY=1` the first time the handler is ready; `WATCHDOG=1` when a
-    /// ping is due (a turn ran: the loop is alive).
-    fn after_turn(&mut self, ready: bool, now: Instant) {
-        if ready && !self.ready {
+    /// ping is due (a turn ran: the loop is alive); `STATUS=…` when the
+    /// handler's line changed.
+    fn after_turn(&mut self, handler: &impl Handler, now: Instant) {
+        if !self.ready && handler.is_ready() {
             self.ready = self.notifier.ready();
+        }
+        if now >= self.status.1 {
+            self.status.1 = now + STATUS_PERIOD;
+            if let Some(line) = handler.status_line().filter(|line| *line != self.status.0) {
+                self.notifier.status(&line);
+                self.status.0 = line;
+            }
         }
         if let Some((period, at)) = self.watchdog.as_mut()
             && now >= *at

@@ -78,7 +78,8 @@ fn notify_socket(dir: &TempDir) -> (UnixDatagram, std::path::PathBuf) {
     (socket, path)
 }
 
-/// The relay: READY=1, then watchdog pings, then STOPPING=1 on SIGTERM.
+/// The relay: READY=1, then watchdog pings, a status line for `systemctl
+/// status` that follows its apps, then STOPPING=1 on SIGTERM.
 #[test]
 fn the_relay_says_ready_pings_its_watchdog_and_says_stopping() {
     let dir = TempDir::new("notify-relay");
@@ -87,9 +88,13 @@ fn the_relay_says_ready_pings_its_watchdog_and_says_stopping() {
     let args = ["serve", "--bind", "127.0.0.1", "--reg-port", &port];
     let mut relay = spawn_notifying(&args, &path);
     until_message(&socket, "READY=1");
+    until_message(&socket, "STATUS=0 apps, 0 clients piped, 0 waiting");
     for _ in 0..3 {
         until_message(&socket, "WATCHDOG=1");
     }
+    let reg = format!("127.0.0.1:{port}").parse().expect("an address");
+    let _app = tcp_relay::EchoApp::connect(reg).expect("an app registers");
+    until_message(&socket, "STATUS=1 apps, 0 clients piped, 0 waiting");
     sigterm(&relay.0);
     until_message(&socket, "STOPPING=1");
     let status = relay.0.wait().expect("the relay exits");
@@ -108,6 +113,7 @@ fn the_agent_says_ready_once_registered() {
     let args = ["expose", "--relay", &relay_arg, "--local", &local];
     let mut agent = spawn_notifying(&args, &path);
     until_message(&socket, "READY=1");
+    until_message(&socket, "STATUS=1/1 registrations up, 0 clients");
     wait_for_stats(&relay, "the agent registered", |s| s.apps == 1);
     until_message(&socket, "WATCHDOG=1");
     sigterm(&agent.0);

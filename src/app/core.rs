@@ -112,6 +112,17 @@ impl Handler for AgentCore {
         self.table.census().count(LINKS_UP) > 0
     }
 
+    /// `2/2 registrations up, 5 clients` for `systemctl status`.
+    fn status_line(&self) -> Option<String> {
+        let census = self.table.census();
+        let links = self.config.relays.len() * self.config.services.len();
+        Some(format!(
+            "{}/{links} registrations up, {} clients",
+            census.count(LINKS_UP),
+            self.clients()
+        ))
+    }
+
     fn end_turn(&mut self, now: Instant) {
         for token in self.table.take_requeued() {
             self.dispatch(token, None, now);

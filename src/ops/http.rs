@@ -283,11 +283,6 @@ impl Response {
         }
     }
 
-    /// The response's status.
-    pub fn status(&self) -> Status {
-        self.status
-    }
-
     /// The bytes to send in answer to `method` (`None` when the request was
     /// too broken to have one): `HEAD` gets the headers only, with the
     /// `Content-Length` that `GET` would get.
@@ -316,6 +311,7 @@ impl Response {
     }
 }
 
+#[cfg(test)] // only the tests read it
 /// The whole answer to the request head at the start of `buf`, or `None`
 /// while it is incomplete. `route` maps a path to its response; `None`
 /// from it is a 404.

@@ -5,6 +5,7 @@
 use std::fmt::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+#[cfg(test)] // only the tests read it
 /// `text` as a JSON string, quotes included.
 pub fn quote(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 2);
@@ -101,11 +102,13 @@ impl JsonWriter {
         self.raw(&value.to_string())
     }
 
+    #[cfg(test)] // only the tests read it
     /// A signed integer value.
     pub fn int(&mut self, value: i64) -> &mut Self {
         self.raw(&value.to_string())
     }
 
+    #[cfg(test)] // only the tests read it
     /// A number; NaN and the infinities, which JSON cannot spell, are `null`.
     pub fn float(&mut self, value: f64) -> &mut Self {
         if value.is_finite() {
@@ -115,6 +118,7 @@ impl JsonWriter {
         }
     }
 
+    #[cfg(test)] // only the tests read it
     /// `true` or `false`.
     pub fn bool(&mut self, value: bool) -> &mut Self {
         self.raw(if value { "true" } else { "false" })

@@ -321,16 +321,6 @@ impl Histogram {
         self.sum += value;
         self.count += 1;
     }
-
-    /// Observations so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    /// Sum of the observations so far.
-    pub fn sum(&self) -> f64 {
-        self.sum
-    }
 }
 
 /// The standard process metrics; a field is `None` when it could not be

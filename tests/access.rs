@@ -1,0 +1,214 @@
+//! Who may connect (issue 13), end to end against the real binary: allow
+//! lists for apps and clients, and the per-source rate limit, with peers
+//! bound to other loopback addresses (127.0.0.2, 127.0.0.3, 127.0.1.x).
+//! A refused peer gets nothing and the relay keeps no descriptor for it
+//! (counted in `/proc/<pid>/fd`); a flood from 10,000 source ports on one
+//! address and from 200 addresses leaves the relay's memory where it was
+//! (`VmRSS`) and its legitimate clients served.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemons::free_port;
+use common::*;
+use tcp_relay::EchoApp;
+
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+/// A relay process on 127.0.0.1 with `flags`, killed when dropped.
+struct RelayProcess {
+    child: Child,
+    reg: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl RelayProcess {
+    fn start(flags: &[&str]) -> RelayProcess {
+        let (reg, metrics) = (local(free_port()), local(free_port()));
+        let (reg_port, metrics_arg) = (reg.port().to_string(), metrics.to_string());
+        let child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
+            .args(["serve", "--bind", "127.0.0.1", "--reg-port", &reg_port])
+            .args(["--relay-style", "random", "--metrics", &metrics_arg, "-q"])
+            .args(flags)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the relay");
+        let relay = RelayProcess {
+            child,
+            reg,
+            metrics,
+        };
+        wait_until("the relay's status endpoint answers", || {
+            TcpStream::connect(relay.metrics).is_ok()
+        });
+        relay
+    }
+
+    /// Descriptors the relay holds now.
+    fn descriptors(&self) -> usize {
+        let dir = format!("/proc/{}/fd", self.child.id());
+        std::fs::read_dir(dir).map_or(0, Iterator::count)
+    }
+
+    /// The relay's resident memory, in KiB.
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the relay's /proc status");
+        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"));
+        let kib = line.and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok());
+        kib.expect("VmRSS in /proc status")
+    }
+
+    /// One sample of `/metrics`, by its full name with labels.
+    fn metric(&self, sample: &str) -> f64 {
+        let mut stream = connect(self.metrics);
+        let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        stream.write_all(request).expect("ask for metrics");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).expect("metrics");
+        let prefix = format!("{sample} ");
+        let value = text.lines().find_map(|line| line.strip_prefix(&prefix));
+        value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An echo app registered from 127.0.0.1, on its own thread.
+fn echo_app(relay: &RelayProcess) -> (tcp_relay::RunningEcho, SocketAddr) {
+    let app = EchoApp::connect(relay.reg).expect("the echo app registers");
+    let port = app.relayed_port();
+    (app.spawn().expect("spawn the app"), local(port))
+}
+
+/// Whether a client from `source` is echoed.
+fn echoed_from(source: IpAddr, addr: SocketAddr) -> bool {
+    let Ok(mut stream) = connect_from(source, addr) else {
+        return false;
+    };
+    let mut got = [0u8; 5];
+    stream.write_all(b"hello").is_ok() && stream.read_exact(&mut got).is_ok() && &got == b"hello"
+}
+
+/// A connection from `source` that the relay turns away: it reads nothing
+/// before the end. The socket stays open on our side.
+fn turned_away_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
+    let mut stream = connect_from(source, addr).expect("connect (the kernel accepts)");
+    let (_, bytes) = read_until_closed(&mut stream);
+    assert_eq!(bytes, 0, "a refused peer from {source} got bytes");
+    stream
+}
+
+/// Polls until the relay holds `count` descriptors.
+fn until_descriptors(relay: &RelayProcess, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    while relay.descriptors() != count {
+        assert!(
+            Instant::now() < deadline,
+            "the relay holds {} descriptors, not {count}",
+            relay.descriptors()
+        );
+        std::thread::sleep(Duration::from_millis(5)); // a poll interval: re-checked
+    }
+}
+
+/// Apps and clients from unlisted sources get nothing, and once refused
+/// cost the relay no descriptor, even while they keep their end open;
+/// listed ones are served.
+#[test]
+fn refused_peers_get_nothing_and_cost_no_descriptor() {
+    let relay = RelayProcess::start(&["--allow-apps", "127.0.0.1", "--allow-clients", "127.0.0.2"]);
+    let (_app, public) = echo_app(&relay);
+    assert!(echoed_from(CLIENT, public), "a listed client is served");
+    let settled = relay.descriptors();
+    wait_until("the served client is gone", || {
+        relay.metric("tcp_relay_pipes") == 0.0
+    });
+    until_descriptors(&relay, settled);
+
+    let mut held = Vec::new();
+    for _ in 0..200 {
+        held.push(turned_away_from(STRANGER, public));
+        held.push(turned_away_from(LOCALHOST, public));
+    }
+    for _ in 0..50 {
+        held.push(turned_away_from(STRANGER, relay.reg));
+    }
+    until_descriptors(&relay, settled);
+    let refused = |listener: &str| {
+        let sample = format!(
+            "tcp_relay_connections_refused_total{{listener=\"{listener}\",reason=\"allow_list\"}}"
+        );
+        relay.metric(&sample)
+    };
+    assert_eq!(refused("relayed"), 400.0);
+    assert_eq!(refused("registration"), 50.0);
+    assert!(echoed_from(CLIENT, public), "still served");
+    drop(held);
+}
+
+/// Beyond the burst a source's clients are turned away; other sources
+/// have buckets of their own.
+#[test]
+fn clients_beyond_the_burst_get_nothing() {
+    let relay = RelayProcess::start(&["--client-rate", "1/m", "--client-burst", "3"]);
+    let (_app, public) = echo_app(&relay);
+    for i in 0..3 {
+        assert!(echoed_from(CLIENT, public), "client {i} within the burst");
+    }
+    let _refused = turned_away_from(CLIENT, public);
+    assert!(echoed_from(STRANGER, public), "another source is served");
+    let sample = "tcp_relay_connections_refused_total{listener=\"relayed\",reason=\"rate\"}";
+    assert_eq!(relay.metric(sample), 1.0);
+}
+
+/// 10,000 connections from one address (10,000 source ports) and 20 from
+/// each of 200 addresses, against a limit of 5 per source: nearly all are
+/// refused, the relay's memory stays where it was, its table of sources
+/// holds one entry per address, and a client from elsewhere is served.
+#[test]
+fn a_flood_of_sources_keeps_the_relay_small() {
+    let relay = RelayProcess::start(&["--client-rate", "5/s", "--client-burst", "5"]);
+    let (_app, public) = echo_app(&relay);
+    assert!(echoed_from(LOCALHOST, public));
+    let before = relay.rss_kib();
+    for _ in 0..10_000 {
+        knock(CLIENT, public);
+    }
+    for host in 1..=200u8 {
+        for _ in 0..20 {
+            knock(IpAddr::V4(Ipv4Addr::new(127, 0, 1, host)), public);
+        }
+    }
+    let refused =
+        relay.metric("tcp_relay_connections_refused_total{listener=\"relayed\",reason=\"rate\"}");
+    // At most a burst and a few seconds' refills of each source got in.
+    assert!(refused >= 10_000.0, "only {refused} refused");
+    let sources = relay.metric("tcp_relay_rate_limited_sources");
+    assert!(sources <= 202.0, "{sources} sources tracked");
+    let after = relay.rss_kib();
+    assert!(
+        after <= before + 8 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    assert!(echoed_from(STRANGER, public), "a client from elsewhere");
+}
+
+/// Connects from `source` and closes at once (with a reset, leaving no
+/// TIME_WAIT behind to exhaust the source's ports).
+fn knock(source: IpAddr, addr: SocketAddr) {
+    if let Ok(stream) = connect_from(source, addr) {
+        set_reset_on_drop(&stream);
+    }
+}
