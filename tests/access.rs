@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::daemons::free_port;
 use common::*;
-use tcp_relay::EchoApp;
+use tcp_relay::{Agent, AgentConfig, EchoApp, RateLimit, Service};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
@@ -211,4 +211,26 @@ fn knock(source: IpAddr, addr: SocketAddr) {
     if let Ok(stream) = connect_from(source, addr) {
         set_reset_on_drop(&stream);
     }
+}
+
+/// An agent asking, for its service, clients only from 127.0.0.2 and a
+/// rate looser than the relay's own: strangers are turned away, and the
+/// relay's stricter rate is what applies.
+#[test]
+fn an_app_narrows_who_reaches_its_port_but_cannot_widen_it() {
+    let relay_limit = RateLimit::new("3/m".parse().expect("a rate"), None);
+    let relay = start_relay_with(|c| c.client_rate = Some(relay_limit));
+    let mut config = AgentConfig::new(relay.reg_addr().to_string(), Service::Echo);
+    config.services[0].allow_clients = Some("127.0.0.2".parse().expect("a list"));
+    config.services[0].client_rate = Some(RateLimit::new("100/s".parse().expect("a rate"), None));
+    let mut agent = Agent::new(config).expect("an agent");
+    let port = agent.register().expect("registered: both requests answered");
+    let _agent = agent.spawn().expect("spawn the agent");
+    let public = local(port);
+    let _stranger = turned_away_from(STRANGER, public);
+    let _local = turned_away_from(LOCALHOST, public);
+    for i in 0..3 {
+        assert!(echoed_from(CLIENT, public), "client {i} within the relay's burst");
+    }
+    let _over = turned_away_from(CLIENT, public);
 }
