@@ -1,205 +1,28 @@
-//! The `tcp-relay` command: arguments, logger, then the library does the work.
+//! The `tcp-relay` command: arguments and config file, logger, then the
+//! library does the work.
 
 use std::io::Write;
-use std::net::{IpAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::net::ToSocketAddrs;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, Subcommand};
-use cli::{LocalSpec, parse_duration, parse_local, parse_port_range};
+use cli::args::SecretFile;
+use cli::print::{SecretSource, ServiceShown};
+use cli::{Command, EchoArgs, ExposeArgs, LoadError, ServeArgs};
 use log::LevelFilter;
 use tcp_relay::{
-    Agent, AgentConfig, AllowList, Config, ProxyVersion, Registered, Relay, RelayStyle, Secret,
-    Service, ServiceConfig,
+    Agent, AgentConfig, Config, RateLimit, Registered, Relay, Secret, Service, ServiceConfig,
 };
 
 mod cli;
 
-/// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
-#[derive(Parser)]
-#[command(name = "tcp-relay", version)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-    /// More log output: -v debug (per client), -vv trace (per state change).
-    #[arg(short, long, action = ArgAction::Count, global = true)]
-    verbose: u8,
-    /// Less log output: -q warnings only, -qq errors only.
-    #[arg(short, long, action = ArgAction::Count, global = true, conflicts_with = "verbose")]
-    quiet: u8,
-    /// Log level (off, error, warn, info, debug, trace); overrides -v and -q.
-    #[arg(long, global = true, value_name = "LEVEL")]
-    log_level: Option<LevelFilter>,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the relay.
-    Serve(ServeArgs),
-    /// Run the sample app: register with a relay and echo every client.
-    Echo(EchoArgs),
-    /// Publish a local TCP service through a relay; prints the public
-    /// address (HOST:PORT) on stdout after each registration.
-    Expose(ExposeArgs),
-}
-
-#[derive(Args)]
-struct ServeArgs {
-    /// Address to listen on, for every port (IPv4 or IPv6).
-    #[arg(long, default_value = "0.0.0.0")]
-    bind: IpAddr,
-    /// Registration port apps connect to.
-    #[arg(long, default_value_t = 8080)]
-    reg_port: u16,
-    /// How relayed ports are chosen: increment (reg-port+1, +2, ...) or random (OS-assigned); 1 and 0 are aliases.
-    #[arg(long, default_value = "increment", value_name = "STYLE")]
-    relay_style: RelayStyle,
-    /// How long a client waits for its app to dial in before it is closed.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    dial_in_timeout: Duration,
-    /// Shared secret apps must prove they know (HMAC challenge); also makes
-    /// every dial-in present a one-time token. Prefer --secret-file or the
-    /// environment variable, which stay out of `ps`.
-    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
-    secret: Option<String>,
-    #[command(flatten)]
-    secret_file: SecretFile,
-    /// Relayed ports only from this range, e.g. 20000-20999 (default: above
-    /// the registration port for increment, any for random).
-    #[arg(long, value_parser = parse_port_range, value_name = "MIN-MAX")]
-    port_range: Option<(u16, u16)>,
-    /// Most apps registered at once.
-    #[arg(long, default_value_t = Config::default().max_apps, value_name = "N")]
-    max_apps: usize,
-    /// Most clients one app may have waiting for dial-ins; more are reset.
-    #[arg(long, default_value_t = Config::default().max_waiting_per_app, value_name = "N")]
-    max_waiting: usize,
-    /// Most peer connections held at once (apps, clients, dial-ins); more are reset.
-    #[arg(long, default_value_t = Config::default().max_connections, value_name = "N")]
-    max_connections: usize,
-    /// Listen backlog of every listener (connections the kernel queues
-    /// between two accepts); capped by net.core.somaxconn, logged if so.
-    #[arg(long, default_value_t = Config::default().backlog, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    backlog: u32,
-    /// Trust these sources (a balancer in front: HAProxy send-proxy, nginx
-    /// stream proxy_protocol, a cloud load balancer) to begin each client
-    /// connection with a PROXY protocol header (v1 or v2) naming the real
-    /// client, e.g. 10.0.0.0/8,192.0.2.7. From them a connection without a
-    /// valid header is reset; from anyone else a header is client data.
-    #[arg(long, value_name = "CIDR[,...]")]
-    accept_proxy_from: Option<AllowList>,
-    /// Serve the status endpoint here: GET /metrics (Prometheus), /status
-    /// (JSON), / (a live page), e.g. 127.0.0.1:9090. It shows app
-    /// addresses: keep it on loopback and use an SSH tunnel.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
-    /// Longest control line accepted from an app, in bytes.
-    #[arg(long, default_value_t = Config::default().max_line, value_name = "BYTES")]
-    max_line: usize,
-    /// Time an app has to authenticate, and a dial-in to present its token.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    register_timeout: Duration,
-    /// A half-closed pipe idle this long is closed.
-    #[arg(long, default_value = "10m", value_parser = parse_duration, value_name = "DURATION")]
-    half_close_timeout: Duration,
-    /// On SIGINT/SIGTERM, how long open pipes may drain before exiting.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    grace: Duration,
-    /// Copy bytes through user-space rings instead of splice(2) through
-    /// kernel pipes (splice is the default on Linux: fewer copies for bulk,
-    /// two descriptors per direction while bytes are in flight).
-    #[arg(long)]
-    no_splice: bool,
-}
-
-/// The environment variable that may hold the secret.
-const SECRET_ENV: &str = "TCP_RELAY_SECRET";
-
-/// `--secret-file`, shared by every command that takes a secret.
-#[derive(Args)]
-struct SecretFile {
-    /// Read the secret from this file (one trailing newline is dropped), so
-    /// it appears in neither `ps` nor the environment. Without a secret, the
-    /// systemd credential `tcp-relay-secret` is used if there is one.
-    #[arg(long = "secret-file", value_name = "PATH", conflicts_with = "secret")]
-    path: Option<PathBuf>,
-}
-
-#[derive(Args)]
-struct EchoArgs {
-    /// The relay's registration address; more than once to register with
-    /// several relays.
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
-    relay: Vec<String>,
-    /// The relay's shared secret, if it asks for one.
-    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
-    secret: Option<String>,
-    #[command(flatten)]
-    secret_file: SecretFile,
-}
-
-#[derive(Args)]
-struct ExposeArgs {
-    /// The relay's registration address; more than once to register every
-    /// service with several relays (each link reconnects on its own).
-    #[arg(long, default_value = "127.0.0.1:8080", value_name = "HOST:PORT")]
-    relay: Vec<String>,
-    /// A local service to publish: its clients are piped to HOST:PORT.
-    /// More than once for several services, each its own registration;
-    /// NAME= names it on the address lines, @PORT asks for that relayed
-    /// port, e.g. --local web=127.0.0.1:3000@8081 --local ssh=127.0.0.1:22.
-    #[arg(long, value_name = "[NAME=]HOST:PORT[@PORT]", value_parser = parse_local)]
-    local: Vec<LocalSpec>,
-    /// Ask the relay for this relayed port (a protocol extension; refused
-    /// if taken). With one service; with several use --local ...@PORT.
-    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
-    port: Option<u16>,
-    /// Exit (non-zero) when the relay goes away, instead of reconnecting.
-    #[arg(long)]
-    no_reconnect: bool,
-    /// Ask the relay to keep N dial-ins ready (each already connected to the
-    /// local service), so new clients skip the dial-in round trip. At most 64.
-    #[arg(long, default_value_t = 0, value_name = "N", value_parser = clap::value_parser!(u16).range(0..=64))]
-    ready: u16,
-    /// How long a client's connects (to the relay and to the local service)
-    /// may take before the client is reset.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
-    connect_timeout: Duration,
-    /// Most clients served at once (each holds a dial-in and a local
-    /// connection); dial requests beyond it wait, in order. Default: what
-    /// the descriptor limit allows.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-    max_clients: Option<u64>,
-    /// Ask the relay to begin every dial-in with a PROXY protocol header
-    /// (v1: text, v2: binary) naming the client's real address; it reaches
-    /// the local service untouched (nginx `listen ... proxy_protocol`,
-    /// HAProxy `accept-proxy`). The service must expect it.
-    #[arg(long, value_name = "VERSION")]
-    proxy_protocol: Option<ProxyVersion>,
-    /// Serve the agent's status endpoint here: GET /metrics (Prometheus),
-    /// /status (JSON), / (a live page), e.g. 127.0.0.1:9091.
-    #[arg(long, value_name = "ADDR")]
-    metrics: Option<std::net::SocketAddr>,
-    /// Copy bytes through rings instead of splice(2), as `serve --no-splice`.
-    #[arg(long)]
-    no_splice: bool,
-    /// The relay's shared secret, if it asks for one.
-    #[arg(long, env = SECRET_ENV, hide_env_values = true, value_name = "SECRET")]
-    secret: Option<String>,
-    #[command(flatten)]
-    secret_file: SecretFile,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let level = cli.log_level.unwrap_or(match (cli.verbose, cli.quiet) {
-        (0, 0) => LevelFilter::Info,
-        (1, _) => LevelFilter::Debug,
-        (v, _) if v > 1 => LevelFilter::Trace,
-        (_, 1) => LevelFilter::Warn,
-        _ => LevelFilter::Error,
-    });
+    let loaded = match cli::load(std::env::args_os().collect()) {
+        Ok(loaded) => loaded,
+        Err(LoadError::Usage(e)) => e.exit(),
+        // A config file's mistake is the command line's: status 2, as clap's.
+        Err(LoadError::File(message)) => return fail(&message, ExitCode::from(2)),
+    };
+    let level = loaded.cli.level();
     if let Err(e) = simple_logger::SimpleLogger::new()
         .with_utc_timestamps()
         .with_level(level)
@@ -207,27 +30,48 @@ fn main() -> ExitCode {
     {
         eprintln!("tcp-relay: cannot start logging: {e}");
     }
-    let result = match cli.command {
-        Command::Serve(args) => serve(args),
+    loaded.warnings.iter().for_each(|w| log::warn!("{w}"));
+    let result = match loaded.cli.command {
+        Command::Serve(args) => serve(args, level),
         Command::Echo(args) => echo(args),
-        Command::Expose(args) => expose(args),
+        Command::Expose(args) => expose(args, level),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("tcp-relay: error: {message}");
-            ExitCode::FAILURE
-        }
+        Err(message) => fail(&message, ExitCode::FAILURE),
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+/// The one line a failure leaves on stderr.
+fn fail(message: &str, status: ExitCode) -> ExitCode {
+    eprintln!("tcp-relay: error: {message}");
+    status
+}
+
+fn serve(args: ServeArgs, level: LevelFilter) -> Result<(), String> {
+    let print_config = args.file.print_config;
+    let (config, secret) = serve_config(args)?;
+    if print_config {
+        return print(&cli::print::serve(&config, &secret, level));
+    }
+    raise_fd_limit();
+    let mut relay = Relay::bind(config).map_err(|e| e.to_string())?;
+    relay
+        .stop_on_signals()
+        .map_err(|e| format!("cannot watch signals: {e}"))?;
+    relay.notify_systemd();
+    relay.run().map_err(|e| format!("relay failed: {e}"))
+}
+
+/// The relay's configuration, and where its secret came from.
+fn serve_config(args: ServeArgs) -> Result<(Config, SecretSource), String> {
+    let (secret, source) = select_secret(args.secret, &args.secret_file)?;
     let config = Config {
         bind: args.bind,
         reg_port: args.reg_port,
         relay_style: args.relay_style,
         dial_in_timeout: args.dial_in_timeout,
-        secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
+        secret,
         port_range: args.port_range,
         max_apps: args.max_apps,
         max_waiting_per_app: args.max_waiting,
@@ -240,15 +84,40 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         half_close_timeout: args.half_close_timeout,
         grace: args.grace,
         splice: !args.no_splice && Config::default().splice,
+        allow_apps: args.allow_apps,
+        allow_clients: args.allow_clients,
+        client_rate: args
+            .client_rate
+            .map(|rate| RateLimit::new(rate, args.client_burst)),
         ..Config::default()
     };
-    raise_fd_limit();
-    let mut relay = Relay::bind(config).map_err(|e| e.to_string())?;
-    relay
-        .stop_on_signals()
-        .map_err(|e| format!("cannot watch signals: {e}"))?;
-    relay.notify_systemd();
-    relay.run().map_err(|e| format!("relay failed: {e}"))
+    Ok((config, source))
+}
+
+/// The secret the flags select (see [`Secret::select`]), and its source.
+fn select_secret(
+    given: Option<String>,
+    file: &SecretFile,
+) -> Result<(Option<Secret>, SecretSource), String> {
+    let source = match (&given, &file.path) {
+        (Some(_), _) => SecretSource::Given,
+        (None, Some(path)) => SecretSource::File(path.clone()),
+        (None, None) => SecretSource::None,
+    };
+    let secret = Secret::select(given, file.path.as_deref())?;
+    let source = match source {
+        SecretSource::None if secret.is_some() => SecretSource::Credential,
+        source => source,
+    };
+    Ok((secret, source))
+}
+
+/// `--print-config`'s output, to stdout.
+fn print(text: &str) -> Result<(), String> {
+    let mut out = std::io::stdout();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .map_err(|e| format!("cannot print the configuration: {e}"))
 }
 
 fn echo(args: EchoArgs) -> Result<(), String> {
@@ -260,9 +129,35 @@ fn echo(args: EchoArgs) -> Result<(), String> {
     })
 }
 
-fn expose(args: ExposeArgs) -> Result<(), String> {
+fn expose(args: ExposeArgs, level: LevelFilter) -> Result<(), String> {
+    let (services, shown) = expose_services(&args)?;
+    let (secret, source) = select_secret(args.secret, &args.secret_file)?;
+    let config = AgentConfig {
+        relays: args.relay,
+        services,
+        secret,
+        splice: !args.no_splice && Config::default().splice,
+        reconnect: !args.no_reconnect,
+        connect_timeout: args.connect_timeout,
+        max_clients: args
+            .max_clients
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+        metrics: args.metrics,
+    };
+    if args.file.print_config {
+        return print(&cli::print::expose(&config, &shown, &source, level));
+    }
+    run_agent(config)
+}
+
+/// The services to publish: from `--local` or the config file, `--port`,
+/// `--ready` and `--proxy-protocol` filling in what a service leaves out.
+fn expose_services(args: &ExposeArgs) -> Result<(Vec<ServiceConfig>, Vec<ServiceShown>), String> {
     if args.local.is_empty() {
-        return Err("nothing to expose: give --local HOST:PORT".into());
+        return Err(
+            "nothing to expose: give --local HOST:PORT (or local or [[service]] in the config file)"
+                .into(),
+        );
     }
     if args.port.is_some() && args.local.len() > 1 {
         return Err(
@@ -271,35 +166,25 @@ fn expose(args: ExposeArgs) -> Result<(), String> {
         );
     }
     let several = args.local.len() > 1;
-    let services = args
-        .local
-        .iter()
-        .map(|spec| {
-            Ok(ServiceConfig {
-                name: match &spec.name {
-                    Some(name) => name.clone(),
-                    None if several => spec.local.clone(),
-                    None => String::new(),
-                },
-                port: spec.port.or(args.port),
-                ready: usize::from(args.ready),
-                proxy_protocol: args.proxy_protocol,
-                ..ServiceConfig::new(Service::Forward(resolve_local(&spec.local)?))
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()?;
-    run_agent(AgentConfig {
-        relays: args.relay,
-        services,
-        secret: Secret::select(args.secret, args.secret_file.path.as_deref())?,
-        splice: !args.no_splice && Config::default().splice,
-        reconnect: !args.no_reconnect,
-        connect_timeout: args.connect_timeout,
-        max_clients: args
-            .max_clients
-            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
-        metrics: args.metrics,
-    })
+    let mut services = Vec::new();
+    for spec in &args.local {
+        services.push(ServiceConfig {
+            name: match &spec.name {
+                Some(name) => name.clone(),
+                None if several => spec.local.clone(),
+                None => String::new(),
+            },
+            port: spec.port.or(args.port),
+            ready: usize::from(spec.ready.unwrap_or(args.ready)),
+            proxy_protocol: spec.proxy_protocol.or(args.proxy_protocol),
+            ..ServiceConfig::new(Service::Forward(resolve_local(&spec.local)?))
+        });
+    }
+    let shown = args.local.iter().map(|spec| ServiceShown {
+        local: spec.local.clone(),
+        named: spec.name.is_some(),
+    });
+    Ok((services, shown.collect()))
 }
 
 /// A local service's address, resolved once at start.

@@ -1,15 +1,21 @@
-//! The command line's own pieces, not library API: parsing the values
-//! users type for durations, port ranges and services.
+//! The values users type, both ways: parsing durations, port ranges,
+//! bursts and services, and writing durations back as they are typed.
 
+use std::num::NonZeroU32;
 use std::time::Duration;
 
-/// One `--local [NAME=]HOST:PORT[@PORT]`: a local service to publish, its
-/// name and the relayed port to ask for.
+use tcp_relay::ProxyVersion;
+
+/// One service to publish: a `--local [NAME=]HOST:PORT[@PORT]`, or a
+/// `[[service]]` table of a config file (which may also set its own
+/// `ready` and `proxy_protocol`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LocalSpec {
-    pub name: Option<String>, // NAME=, if given
-    pub local: String,        // HOST:PORT, resolved when the agent starts
-    pub port: Option<u16>,    // @PORT, if given
+    pub name: Option<String>,                 // NAME=, if given
+    pub local: String,                        // HOST:PORT, resolved when the agent starts
+    pub port: Option<u16>,                    // @PORT, if given
+    pub ready: Option<u16>,                   // the table's ready; None: --ready's
+    pub proxy_protocol: Option<ProxyVersion>, // the table's; None: --proxy-protocol's
 }
 
 /// Parses `[NAME=]HOST:PORT[@PORT]`. A name is letters, digits, `-`, `_`
@@ -21,12 +27,7 @@ pub(crate) fn parse_local(text: &str) -> Result<LocalSpec, String> {
         None => (None, text),
     };
     if let Some(name) = name {
-        let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-        if name.is_empty() || !name.chars().all(ok) {
-            return Err(format!(
-                "bad service name {name:?} (letters, digits, '-', '_', '.')"
-            ));
-        }
+        check_name(name)?;
     }
     let (local, port) = match rest.rsplit_once('@') {
         Some((local, port)) => {
@@ -51,7 +52,31 @@ pub(crate) fn parse_local(text: &str) -> Result<LocalSpec, String> {
         name: name.map(str::to_owned),
         local: local.to_owned(),
         port,
+        ready: None,
+        proxy_protocol: None,
     })
+}
+
+/// A service name: letters, digits, `-`, `_` and `.`, since it is printed
+/// before the address on the address lines (so no spaces).
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || !name.chars().all(ok) {
+        return Err(format!(
+            "bad service name {name:?} (letters, digits, '-', '_', '.')"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `--client-burst <N>`: a positive decimal integer (digits only:
+/// no sign, no spaces).
+pub(crate) fn parse_burst(text: &str) -> Result<NonZeroU32, String> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    digits
+        .then(|| text.parse().ok())
+        .flatten()
+        .ok_or_else(|| format!("not a positive integer: {text:?} (1-{})", u32::MAX))
 }
 
 /// Parses a port range `MIN-MAX` (inclusive, 1 <= MIN <= MAX).
@@ -91,6 +116,31 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|_| format!("duration {text:?} out of range"))
 }
 
+/// Writes a duration as [`parse_duration`] reads it back: in the largest
+/// unit that divides it (`2m`, `1500ms`), or in seconds with as many
+/// decimals as it needs (`0.0000015s`).
+pub(crate) fn format_duration(duration: Duration) -> String {
+    let nanos = duration.as_nanos();
+    let units: [(u128, &str); 4] = [
+        (3_600_000_000_000, "h"),
+        (60_000_000_000, "m"),
+        (1_000_000_000, "s"),
+        (1_000_000, "ms"),
+    ];
+    match units.iter().find(|(size, _)| nanos.is_multiple_of(*size)) {
+        Some((size, unit)) if nanos > 0 => format!("{}{unit}", nanos / size),
+        Some(_) => "0s".into(),
+        None => {
+            let fraction = format!("{:09}", nanos % 1_000_000_000);
+            format!(
+                "{}.{}s",
+                nanos / 1_000_000_000,
+                fraction.trim_end_matches('0')
+            )
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +160,8 @@ mod tests {
             name: name.map(str::to_owned),
             local: local.into(),
             port,
+            ready: None,
+            proxy_protocol: None,
         };
         assert_eq!(
             parse_local("127.0.0.1:3000"),
@@ -152,6 +204,30 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         for bad in ["", "s", "-1s", "10x", "1e9999s", "ten"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} must not parse");
+        }
+    }
+
+    #[test]
+    fn durations_print_as_they_parse() {
+        for (duration, text) in [
+            (Duration::from_secs(7200), "2h"),
+            (Duration::from_secs(90), "90s"),
+            (Duration::from_secs(600), "10m"),
+            (Duration::from_millis(1500), "1500ms"),
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(1_500), "0.0000015s"),
+            (Duration::from_nanos(2_000_000_001), "2.000000001s"),
+        ] {
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(parse_duration(text), Ok(duration), "{text} reads back");
+        }
+    }
+
+    #[test]
+    fn bursts_are_positive_integers() {
+        assert_eq!(parse_burst("20").map(NonZeroU32::get), Ok(20));
+        for bad in ["", "0", "-1", "+5", " 5", "1.5", "4294967296"] {
+            assert!(parse_burst(bad).is_err(), "{bad:?} must not parse");
         }
     }
 }
