@@ -151,7 +151,8 @@ fn expose(args: ExposeArgs, level: LevelFilter) -> Result<(), String> {
 }
 
 /// The services to publish: from `--local` or the config file, `--port`,
-/// `--ready` and `--proxy-protocol` filling in what a service leaves out.
+/// `--ready`, `--proxy-protocol`, `--allow-clients`, `--client-rate` and
+/// `--client-burst` filling in what a service leaves out.
 fn expose_services(args: &ExposeArgs) -> Result<(Vec<ServiceConfig>, Vec<ServiceShown>), String> {
     if args.local.is_empty() {
         return Err(
@@ -177,6 +178,11 @@ fn expose_services(args: &ExposeArgs) -> Result<(Vec<ServiceConfig>, Vec<Service
             port: spec.port.or(args.port),
             ready: usize::from(spec.ready.unwrap_or(args.ready)),
             proxy_protocol: spec.proxy_protocol.or(args.proxy_protocol),
+            allow_clients: spec.allow_clients.clone().or(args.allow_clients.clone()),
+            client_rate: spec
+                .client_rate
+                .or(args.client_rate)
+                .map(|rate| RateLimit::new(rate, spec.client_burst.or(args.client_burst))),
             ..ServiceConfig::new(Service::Forward(resolve_local(&spec.local)?))
         });
     }

@@ -102,21 +102,27 @@ fn echoed_from(source: IpAddr, addr: SocketAddr) -> bool {
 }
 
 /// A connection from `source` that the relay turns away: it reads nothing
-/// before the end. The socket stays open on our side.
-fn turned_away_from(source: IpAddr, addr: SocketAddr) -> TcpStream {
-    let mut stream = connect_from(source, addr).expect("connect (the kernel accepts)");
+/// before the end (the reset may even beat the end of our connect). The
+/// socket, if any, stays open on our side.
+fn turned_away_from(source: IpAddr, addr: SocketAddr) -> Option<TcpStream> {
+    let mut stream = match connect_from(source, addr) {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+        Err(e) => panic!("connect from {source}: {e}"),
+    };
     let (_, bytes) = read_until_closed(&mut stream);
     assert_eq!(bytes, 0, "a refused peer from {source} got bytes");
-    stream
+    Some(stream)
 }
 
-/// Polls until the relay holds `count` descriptors.
-fn until_descriptors(relay: &RelayProcess, count: usize) {
+/// Polls until the relay holds at most `count` descriptors (it may hold
+/// fewer: kernel pipes kept for splicing are let go when idle).
+fn until_descriptors_at_most(relay: &RelayProcess, count: usize) {
     let deadline = Instant::now() + WAIT;
-    while relay.descriptors() != count {
+    while relay.descriptors() > count {
         assert!(
             Instant::now() < deadline,
-            "the relay holds {} descriptors, not {count}",
+            "the relay holds {} descriptors, more than {count}",
             relay.descriptors()
         );
         std::thread::sleep(Duration::from_millis(5)); // a poll interval: re-checked
@@ -131,11 +137,10 @@ fn refused_peers_get_nothing_and_cost_no_descriptor() {
     let relay = RelayProcess::start(&["--allow-apps", "127.0.0.1", "--allow-clients", "127.0.0.2"]);
     let (_app, public) = echo_app(&relay);
     assert!(echoed_from(CLIENT, public), "a listed client is served");
-    let settled = relay.descriptors();
     wait_until("the served client is gone", || {
         relay.metric("tcp_relay_pipes") == 0.0
     });
-    until_descriptors(&relay, settled);
+    let settled = relay.descriptors();
 
     let mut held = Vec::new();
     for _ in 0..200 {
@@ -145,7 +150,7 @@ fn refused_peers_get_nothing_and_cost_no_descriptor() {
     for _ in 0..50 {
         held.push(turned_away_from(STRANGER, relay.reg));
     }
-    until_descriptors(&relay, settled);
+    until_descriptors_at_most(&relay, settled);
     let refused = |listener: &str| {
         let sample = format!(
             "tcp_relay_connections_refused_total{{listener=\"{listener}\",reason=\"allow_list\"}}"
@@ -198,6 +203,7 @@ fn a_flood_of_sources_keeps_the_relay_small() {
     let sources = relay.metric("tcp_relay_rate_limited_sources");
     assert!(sources <= 202.0, "{sources} sources tracked");
     let after = relay.rss_kib();
+    eprintln!("flood: {refused} refused, {sources} sources, RSS {before} -> {after} KiB");
     assert!(
         after <= before + 8 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
@@ -224,13 +230,18 @@ fn an_app_narrows_who_reaches_its_port_but_cannot_widen_it() {
     config.services[0].allow_clients = Some("127.0.0.2".parse().expect("a list"));
     config.services[0].client_rate = Some(RateLimit::new("100/s".parse().expect("a rate"), None));
     let mut agent = Agent::new(config).expect("an agent");
-    let port = agent.register().expect("registered: both requests answered");
+    let port = agent
+        .register()
+        .expect("registered: both requests answered");
     let _agent = agent.spawn().expect("spawn the agent");
     let public = local(port);
     let _stranger = turned_away_from(STRANGER, public);
     let _local = turned_away_from(LOCALHOST, public);
     for i in 0..3 {
-        assert!(echoed_from(CLIENT, public), "client {i} within the relay's burst");
+        assert!(
+            echoed_from(CLIENT, public),
+            "client {i} within the relay's burst"
+        );
     }
     let _over = turned_away_from(CLIENT, public);
 }

@@ -240,6 +240,21 @@ fn expose_cases(secret_file: &str) -> Vec<Case> {
             "proxy_protocol = \"v2\"",
         ),
         with_local(
+            "allow-clients",
+            &["--allow-clients", "192.0.2.0/24,::1"],
+            "allow_clients = [\"192.0.2.0/24\", \"::1\"]",
+        ),
+        with_local(
+            "client-rate",
+            &["--client-rate", "30/m"],
+            "client_rate = \"30/m\"",
+        ),
+        with_local(
+            "client-burst",
+            &["--client-rate", "5/s", "--client-burst", "9"],
+            "client_rate = \"5/s\"\nclient_burst = 9",
+        ),
+        with_local(
             "metrics",
             &["--metrics", "127.0.0.1:9091"],
             "metrics = \"127.0.0.1:9091\"",
@@ -348,7 +363,8 @@ fn every_expose_flag_round_trips_through_a_file() {
 fn service_tables_round_trip() {
     let dir = TempDir::new("config-services");
     let text = "relays = [\"127.0.0.1:8080\"]\n\n[[service]]\nname = \"web\"\n\
-                local = \"127.0.0.1:3000\"\nport = 8081\nready = 2\nproxy_protocol = \"v1\"\n\n\
+                local = \"127.0.0.1:3000\"\nport = 8081\nready = 2\nproxy_protocol = \"v1\"\n\
+                allow_clients = \"10.0.0.0/8\"\nclient_rate = \"7/m\"\nclient_burst = 3\n\n\
                 [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\n";
     let file = write(&dir, "services.toml", text);
     let printed = print_config("expose", &["--config", &file], &dir);
@@ -357,13 +373,25 @@ fn service_tables_round_trip() {
         "port = 8081",
         "ready = 2",
         "proxy_protocol = \"v1\"",
+        "allow_clients = [\"10.0.0.0/8\"]",
+        "client_rate = \"7/m\"",
+        "client_burst = 3",
         "name = \"ssh\"",
     ] {
         assert!(printed.contains(line), "{line} in:\n{printed}");
     }
     assert_eq!(printed.matches("[[service]]").count(), 2, "{printed}");
+    assert_eq!(
+        value_of(&printed, "client_rate"),
+        ["\"7/m\""],
+        "ssh has none"
+    );
     let again = write(&dir, "printed.toml", &printed);
     assert_eq!(print_config("expose", &["--config", &again], &dir), printed);
+    // The command line's rate replaces every service's, burst included.
+    let flagged = print_config("expose", &["--config", &file, "--client-rate", "2/s"], &dir);
+    assert_eq!(value_of(&flagged, "client_rate"), ["\"2/s\"", "\"2/s\""]);
+    assert_eq!(value_of(&flagged, "client_burst"), ["2", "2"]);
 }
 
 /// The values of `key` in `print`, top-level and in services, in order.
@@ -656,7 +684,17 @@ fn the_samples_load_and_show_every_key() {
         assert!(!printed.is_empty());
         let keys = cases.iter().map(|c| c.flag.replace('-', "_"));
         let keys = keys.filter(|k| !matches!(k.as_str(), "verbose" | "quiet"));
-        let services = ["name", "local", "port", "ready", "proxy_protocol", "relays"];
+        let services = [
+            "name",
+            "local",
+            "port",
+            "ready",
+            "proxy_protocol",
+            "allow_clients",
+            "client_rate",
+            "client_burst",
+            "relays",
+        ];
         for key in keys.chain(
             services
                 .iter()

@@ -214,6 +214,21 @@ pub(crate) struct ExposeArgs {
     /// HAProxy `accept-proxy`). The service must expect it.
     #[arg(long, value_name = "VERSION")]
     pub proxy_protocol: Option<ProxyVersion>,
+    /// Ask each relay to admit to every service's port only clients from
+    /// these sources (the allow extension), on top of the relay's own
+    /// --allow-clients. Registration fails if a relay does not answer.
+    #[arg(long, value_name = "CIDR[,...]")]
+    pub allow_clients: Option<AllowList>,
+    /// Ask each relay to limit every service's new clients per source
+    /// address, N per second (N/s) or minute (N/m) after a burst of
+    /// --client-burst (the rate extension); a relay applies this, or its
+    /// own --client-rate where that is stricter.
+    #[arg(long, value_name = "N/s|N/m")]
+    pub client_rate: Option<Rate>,
+    /// Connections one source may open at once before --client-rate holds
+    /// it back (default: one period's worth, 10 for 10/s).
+    #[arg(long, value_name = "N", requires = "client_rate", value_parser = parse_burst)]
+    pub client_burst: Option<NonZeroU32>,
     /// Serve the agent's status endpoint here: GET /metrics (Prometheus),
     /// /status (JSON), / (a live page), e.g. 127.0.0.1:9091.
     #[arg(long, value_name = "ADDR")]

@@ -18,12 +18,26 @@ use clap::builder::Resettable;
 use clap::error::{ContextKind, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches};
-use tcp_relay::ProxyVersion;
+use std::num::NonZeroU32;
+
+use tcp_relay::{AllowList, ProxyVersion, Rate};
 
 use super::args::{Cli, Command};
 use super::file::{self, ConfigFile, Setting, Table, Value, at};
 use super::keys::{self, SERVICE, Token};
 use super::values::{LocalSpec, check_name, parse_local};
+
+/// The keys of a `[[service]]` table.
+pub(crate) const SERVICE_KEYS: [&str; 8] = [
+    "name",
+    "local",
+    "port",
+    "ready",
+    "proxy_protocol",
+    "allow_clients",
+    "client_rate",
+    "client_burst",
+];
 
 /// The command line, with its config file merged in.
 pub(crate) struct Loaded {
@@ -168,8 +182,8 @@ impl<'a> Merge<'a> {
     }
 
     /// The file's services as the command line leaves them: replaced by
-    /// `--local`; their `port`, `ready` and `proxy_protocol` given way to
-    /// those flags when the command line gives them.
+    /// `--local`; their own settings given way to the flags the command
+    /// line gives (`--client-rate` takes the table's burst with its rate).
     fn adjust_services(&self, plan: &mut Plan) -> Result<(), LoadError> {
         if self.hidden("local") {
             plan.services = None;
@@ -179,10 +193,15 @@ impl<'a> Merge<'a> {
             self.hidden("ready"),
             self.hidden("proxy_protocol"),
         );
+        let (allow, rate) = (self.hidden("allow_clients"), self.hidden("client_rate"));
+        let burst = rate || self.hidden("client_burst");
         for spec in plan.services.iter_mut().flatten() {
             spec.port = spec.port.filter(|_| !port);
             spec.ready = spec.ready.filter(|_| !ready);
             spec.proxy_protocol = spec.proxy_protocol.filter(|_| !proxy);
+            spec.allow_clients = spec.allow_clients.take().filter(|_| !allow);
+            spec.client_rate = spec.client_rate.filter(|_| !rate);
+            spec.client_burst = spec.client_burst.filter(|_| !burst);
         }
         self.port_for_one(plan)
     }
@@ -313,15 +332,10 @@ impl<'a> Merge<'a> {
     }
 
     /// One `[[service]]` table: `local`, and `name`, `port`, `ready`,
-    /// `proxy_protocol`, each as its flag takes it.
+    /// `proxy_protocol`, `allow_clients`, `client_rate`, `client_burst`,
+    /// each as its flag takes it.
     fn service(&self, table: &Table) -> Result<LocalSpec, LoadError> {
-        let mut spec = LocalSpec {
-            name: None,
-            local: String::new(),
-            port: None,
-            ready: None,
-            proxy_protocol: None,
-        };
+        let mut spec = LocalSpec::default();
         for setting in &table.settings {
             match setting.key.as_str() {
                 "name" => spec.name = Some(self.service_name(setting)?),
@@ -331,6 +345,9 @@ impl<'a> Merge<'a> {
                 "proxy_protocol" => {
                     spec.proxy_protocol = self.flag_value::<ProxyVersion>(setting)?
                 }
+                "allow_clients" => spec.allow_clients = self.flag_value::<AllowList>(setting)?,
+                "client_rate" => spec.client_rate = self.flag_value::<Rate>(setting)?,
+                "client_burst" => spec.client_burst = self.flag_value::<NonZeroU32>(setting)?,
                 _ => return Err(LoadError::File(self.unknown_service_key(setting))),
             }
         }
@@ -348,7 +365,7 @@ impl<'a> Merge<'a> {
                 "{key:?} is not a [[{SERVICE}]] key (top-level keys go before the first [[{SERVICE}]])"
             )
         } else {
-            let known = ["name", "local", "port", "ready", "proxy_protocol"].map(String::from);
+            let known = SERVICE_KEYS.map(String::from);
             format!("{} in [[{SERVICE}]]", keys::unknown_key(key, &known))
         };
         self.at(setting.line, message)

@@ -114,6 +114,9 @@ pub(crate) fn expose(
             Some(version) => out.text("proxy_protocol", version),
             None => out.unset("proxy_protocol", "no header"),
         }
+        let allowed = service.allow_clients.as_ref();
+        out.allow("allow_clients", allowed, "any client the relay admits");
+        out.rate(service.client_rate);
     }
     out.0
 }

@@ -4,18 +4,22 @@
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use tcp_relay::ProxyVersion;
+use tcp_relay::{AllowList, ProxyVersion, Rate};
 
 /// One service to publish: a `--local [NAME=]HOST:PORT[@PORT]`, or a
 /// `[[service]]` table of a config file (which may also set its own
-/// `ready` and `proxy_protocol`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `ready`, `proxy_protocol`, `allow_clients`, `client_rate` and
+/// `client_burst`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct LocalSpec {
     pub name: Option<String>,                 // NAME=, if given
     pub local: String,                        // HOST:PORT, resolved when the agent starts
     pub port: Option<u16>,                    // @PORT, if given
     pub ready: Option<u16>,                   // the table's ready; None: --ready's
     pub proxy_protocol: Option<ProxyVersion>, // the table's; None: --proxy-protocol's
+    pub allow_clients: Option<AllowList>,     // the table's; None: --allow-clients'
+    pub client_rate: Option<Rate>,            // the table's; None: --client-rate's
+    pub client_burst: Option<NonZeroU32>,     // the table's; None: --client-burst's
 }
 
 /// Parses `[NAME=]HOST:PORT[@PORT]`. A name is letters, digits, `-`, `_`
@@ -52,8 +56,7 @@ pub(crate) fn parse_local(text: &str) -> Result<LocalSpec, String> {
         name: name.map(str::to_owned),
         local: local.to_owned(),
         port,
-        ready: None,
-        proxy_protocol: None,
+        ..LocalSpec::default()
     })
 }
 
@@ -160,8 +163,7 @@ mod tests {
             name: name.map(str::to_owned),
             local: local.into(),
             port,
-            ready: None,
-            proxy_protocol: None,
+            ..LocalSpec::default()
         };
         assert_eq!(
             parse_local("127.0.0.1:3000"),
