@@ -32,7 +32,9 @@
 # (relays and expose copy through rings instead of splicing), RELAY_ARGS
 # (more `serve` flags for both relays, e.g. RELAY_ARGS="--allow-clients
 # 127.0.0.0/8 --allow-apps 127.0.0.1 --client-rate 100000/s" to measure
-# the access checks; words split on spaces), KEEP=1 keeps the raw outputs.
+# the access checks; words split on spaces), PROXY (v1 or v2: the tunnel's
+# `expose` asks for PROXY headers on its dial-ins, and its echo server, a
+# second one, reads and drops them), KEEP=1 keeps the raw outputs.
 
 set -uo pipefail
 
@@ -126,11 +128,19 @@ start echo_app "$RELAY" --log-level warn echo --relay "127.0.0.1:$REG1"
 ADDR[relay]=$(first_line "$OUT/echo_app.out") || { note "echo app did not register"; exit 1; }
 PROC[relay]="$relay1 $echo_app"
 
-# Tunnel: a second relay, with `expose` forwarding to the echo server.
+# Tunnel: a second relay, with `expose` forwarding to the echo server (with
+# PROXY, to an echo server of its own that expects the headers).
+TUNNEL_ECHO=$ECHO_ADDR
+PROXY_ARGS=()
+if [ -n "${PROXY:-}" ]; then
+    start echo_proxy "$LOAD" echo-server --listen 127.0.0.1:0 --secs 900 --proxy-header
+    TUNNEL_ECHO=$(first_line "$OUT/echo_proxy.out") || { note "echo server did not start"; exit 1; }
+    PROXY_ARGS=(--proxy-protocol "$PROXY")
+fi
 REG2=$("$LOAD" free-port)
 start relay2 "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$REG2" --relay-style random "${NO_SPLICE[@]}" "${EXTRA_RELAY_ARGS[@]}"
 wait_port "$REG2" || { note "relay did not start"; exit 1; }
-start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$ECHO_ADDR" --no-reconnect --ready "$READY" "${NO_SPLICE[@]}"
+start expose "$RELAY" --log-level warn expose --relay "127.0.0.1:$REG2" --local "$TUNNEL_ECHO" --no-reconnect --ready "$READY" "${NO_SPLICE[@]}" "${PROXY_ARGS[@]}"
 ADDR[tunnel]=$(first_line "$OUT/expose.out") || { note "expose did not register"; exit 1; }
 PROC[tunnel]="$relay2 $expose"
 

@@ -182,6 +182,10 @@ struct EchoArgs {
     /// Seconds after which the server exits by itself.
     #[arg(long, default_value_t = 900.0)]
     secs: f64,
+    /// Each connection begins with a PROXY protocol header (v1 or v2, as
+    /// `expose --proxy-protocol` passes on): read and drop it, echo the rest.
+    #[arg(long)]
+    proxy_header: bool,
 }
 
 fn main() -> ExitCode {
@@ -1420,9 +1424,10 @@ mod echo {
         println!("{addr}");
         let _ = io::stdout().flush();
         let deadline = Instant::now() + Duration::from_secs_f64(a.secs);
+        let proxy = a.proxy_header;
         let handles: Vec<_> = listeners
             .into_iter()
-            .map(|l| std::thread::spawn(move || run(l, deadline)))
+            .map(|l| std::thread::spawn(move || run(l, deadline, proxy)))
             .collect();
         for h in handles {
             h.join()
@@ -1447,7 +1452,8 @@ mod echo {
         pending: Vec<u8>, // read but not yet echoed (the peer is slow)
         readable: bool,   // set by events, cleared by WouldBlock
         writable: bool,
-        eof: bool, // the peer shut its write half
+        eof: bool,               // the peer shut its write half
+        header: Option<Vec<u8>>, // (--proxy-header) the PROXY header so far, until whole
     }
 
     enum Step {
@@ -1456,7 +1462,7 @@ mod echo {
         Close,
     }
 
-    fn run(mut listener: TcpListener, deadline: Instant) -> io::Result<()> {
+    fn run(mut listener: TcpListener, deadline: Instant, proxy: bool) -> io::Result<()> {
         let mut poll = Poll::new()?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
@@ -1479,7 +1485,7 @@ mod echo {
             let mut ready = std::mem::take(&mut again);
             for event in events.iter() {
                 if event.token() == LISTENER {
-                    accept(&listener, &poll, &mut conns, &mut ready);
+                    accept(&listener, &poll, &mut conns, &mut ready, proxy);
                     continue;
                 }
                 if let Some(c) = conns.get_mut(event.token().0) {
@@ -1507,7 +1513,13 @@ mod echo {
         Ok(())
     }
 
-    fn accept(listener: &TcpListener, poll: &Poll, conns: &mut Slab<Conn>, ready: &mut Vec<usize>) {
+    fn accept(
+        listener: &TcpListener,
+        poll: &Poll,
+        conns: &mut Slab<Conn>,
+        ready: &mut Vec<usize>,
+        proxy: bool,
+    ) {
         loop {
             match listener.accept() {
                 Ok((mut stream, _)) => {
@@ -1528,6 +1540,7 @@ mod echo {
                         readable: true,
                         writable: true,
                         eof: false,
+                        header: proxy.then(Vec::new),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -1572,7 +1585,18 @@ mod echo {
             match c.stream.read(buf) {
                 Ok(0) => c.eof = true,
                 Ok(n) => {
-                    if let Err(()) = echo_now(c, &buf[..n]) {
+                    let data = match c.header.as_mut() {
+                        Some(header) => match strip_header(header, &buf[..n]) {
+                            Header::Partial => continue,
+                            Header::Bad => return Step::Close,
+                            Header::Rest(rest) => {
+                                c.header = None;
+                                rest
+                            }
+                        },
+                        None => buf[..n].to_vec(),
+                    };
+                    if let Err(()) = echo_now(c, &data) {
                         return Step::Close;
                     }
                 }
@@ -1582,6 +1606,44 @@ mod echo {
             }
         }
         Step::Again
+    }
+
+    enum Header {
+        Partial,       // not all of it yet
+        Bad,           // not a PROXY header
+        Rest(Vec<u8>), // whole: what came after it
+    }
+
+    /// The v2 signature (HAProxy's PROXY protocol specification, 2.2).
+    const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+    /// Adds `data` to the header read so far; once it is whole (a v1 line
+    /// up to CRLF, or v2's 16 bytes and the length they give), the bytes
+    /// after it. Only the framing is checked: the relay wrote it.
+    fn strip_header(header: &mut Vec<u8>, data: &[u8]) -> Header {
+        header.extend_from_slice(data);
+        let len = if header.starts_with(b"PROXY ") {
+            match header.windows(2).position(|w| w == b"\r\n") {
+                Some(at) => at + 2,
+                None if header.len() < 108 => return Header::Partial,
+                None => return Header::Bad,
+            }
+        } else if header.len() < 16 {
+            let prefix = |of: &[u8]| of.starts_with(header) || header.starts_with(of);
+            return if prefix(V2_SIGNATURE) || prefix(b"PROXY ") {
+                Header::Partial
+            } else {
+                Header::Bad
+            };
+        } else if header.starts_with(V2_SIGNATURE) {
+            16 + usize::from(u16::from_be_bytes([header[14], header[15]]))
+        } else {
+            return Header::Bad;
+        };
+        if header.len() < len {
+            return Header::Partial;
+        }
+        Header::Rest(header.split_off(len))
     }
 
     /// Writes `data` back at once; what does not fit waits in `pending`.
