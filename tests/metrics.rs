@@ -16,7 +16,7 @@ use std::time::Duration;
 use common::daemons::TempDir;
 use common::tools::tool;
 use common::*;
-use tcp_relay::{Agent, AgentConfig, Config, RunningRelay, Service};
+use tcp_relay::{Agent, AgentConfig, Config, RunningRelay, Service, ServiceConfig};
 
 /// A relay with its status endpoint on 127.0.0.1 (a port the OS picks).
 fn relay_with_status() -> (RunningRelay, SocketAddr) {
@@ -252,39 +252,60 @@ fn hostile_status_peers_leave_apps_and_clients_served() {
     });
 }
 
-/// The agent's endpoint: its registration (relay, state, relayed port) and
+/// The agent's endpoint: its registrations (service, relay, state, relayed
+/// port), one per service and relay, a relay that is down shown down, and
 /// its counters.
 #[test]
-fn the_agents_status_shows_its_registration() {
+fn the_agents_status_shows_its_registrations() {
     let relay = start_relay();
+    let down = format!("127.0.0.1:{}", common::daemons::free_port()); // nothing listens
+    let named = |name: &str| ServiceConfig {
+        name: name.into(),
+        ..ServiceConfig::new(Service::Echo)
+    };
+    let up = relay.reg_addr().to_string();
     let mut agent = Agent::new(AgentConfig {
+        relays: vec![up.clone(), down.clone()],
+        services: vec![named("a"), named("b")],
         splice: false,
-        reconnect: false,
         metrics: Some(local(0)),
-        ..AgentConfig::new(relay.reg_addr().to_string(), Service::Echo)
+        ..AgentConfig::new(String::new(), Service::Echo)
     })
     .expect("an agent");
     let status = agent.status_addr().expect("a status address");
-    let port = agent.register().expect("registered");
+    let port = agent
+        .register()
+        .expect("registered on the relay that is up");
     let _running = agent.spawn().expect("spawn");
     assert_eq!(
         exchange(local(port), b"through the agent"),
         b"through the agent"
     );
     let json: serde_json::Value = serde_json::from_str(&get(status, "/status").1).expect("JSON");
-    let registration = &json["registrations"][0];
-    assert_eq!(registration["state"], "registered");
-    assert_eq!(registration["relayed_port"], port);
+    let registrations = json["registrations"].as_array().expect("registrations");
+    assert_eq!(registrations.len(), 4, "{json}");
+    let of = |service: &str, relay: &str| {
+        let found = registrations
+            .iter()
+            .find(|r| r["service"] == service && r["relay"] == relay);
+        found
+            .unwrap_or_else(|| panic!("no {service} on {relay}: {json}"))
+            .clone()
+    };
+    assert_eq!(of("a", &up)["state"], "registered");
+    assert_eq!(of("a", &up)["relayed_port"], port);
+    assert_eq!(of("b", &up)["state"], "registered");
+    assert_ne!(of("b", &down)["state"], "registered");
     assert_eq!(json["totals"]["served"], 1);
     let text = get(status, "/metrics").1;
-    assert!(
-        text.contains("tcp_relay_agent_registrations_up 1"),
-        "{text}"
-    );
-    assert!(
-        text.contains("tcp_relay_agent_clients_served_total 1"),
-        "{text}"
-    );
+    for sample in [
+        "tcp_relay_agent_registrations_up 2".to_owned(),
+        "tcp_relay_agent_clients_served_total 1".to_owned(),
+        format!("tcp_relay_agent_registration_up{{service=\"a\",relay=\"{up}\"}} 1"),
+        format!("tcp_relay_agent_registration_up{{service=\"b\",relay=\"{down}\"}} 0"),
+    ] {
+        assert!(text.contains(&sample), "{sample} in {text}");
+    }
     prometheus_parses(&text);
 }
 

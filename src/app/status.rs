@@ -112,6 +112,7 @@ impl AgentCore {
     fn prometheus(&self) -> String {
         let mut w = TextWriter::new();
         self.prometheus_gauges(&mut w);
+        self.prometheus_links(&mut w);
         self.prometheus_counters(&mut w);
         w.process(&ProcessMetrics::read());
         w.finish()
@@ -141,6 +142,25 @@ impl AgentCore {
                 self.queued.len() as u64,
             ),
         ]);
+    }
+
+    /// One sample per registration (service and relay): 1 when up, so an
+    /// alert can name the link that is down.
+    fn prometheus_links(&self, w: &mut TextWriter) {
+        let name = "tcp_relay_agent_registration_up";
+        let help = "Whether a service's registration with a relay is up, by service and relay.";
+        w.family(name, help, Kind::Gauge);
+        for (_, conn) in self.table.iter() {
+            let (link, up) = match conn {
+                AgentConn::Registered(link, _) => (link, 1u64),
+                AgentConn::Reconnecting(link)
+                | AgentConn::Connecting(link, _)
+                | AgentConn::Registering(link, _) => (link, 0),
+                _ => continue,
+            };
+            let service = self.config.services[link.service].name.as_str();
+            w.sample(name, &[("service", service), ("relay", &link.relay)], up);
+        }
     }
 
     fn prometheus_counters(&self, w: &mut TextWriter) {
@@ -217,6 +237,8 @@ impl AgentCore {
             _ => return,
         };
         w.begin_object();
+        w.key("service")
+            .string(&self.config.services[link.service].name);
         w.key("relay").string(&link.relay);
         w.key("state").string(state);
         match port {
