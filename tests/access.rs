@@ -10,84 +10,30 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::daemons::free_port;
+use common::procs::RelayProcess;
 use common::*;
 use tcp_relay::{Agent, AgentConfig, EchoApp, RateLimit, Service};
 
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
-/// A relay process on 127.0.0.1 with `flags`, killed when dropped.
-struct RelayProcess {
-    child: Child,
-    reg: SocketAddr,
-    metrics: SocketAddr,
-}
-
-impl RelayProcess {
-    fn start(flags: &[&str]) -> RelayProcess {
-        let (reg, metrics) = (local(free_port()), local(free_port()));
-        let (reg_port, metrics_arg) = (reg.port().to_string(), metrics.to_string());
-        let child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
-            .args(["serve", "--bind", "127.0.0.1", "--reg-port", &reg_port])
-            .args(["--relay-style", "random", "--metrics", &metrics_arg, "-q"])
-            .args(flags)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start the relay");
-        let relay = RelayProcess {
-            child,
-            reg,
-            metrics,
-        };
-        wait_until("the relay's status endpoint answers", || {
-            TcpStream::connect(relay.metrics).is_ok()
-        });
-        relay
-    }
-
-    /// Descriptors the relay holds now.
-    fn descriptors(&self) -> usize {
-        let dir = format!("/proc/{}/fd", self.child.id());
-        std::fs::read_dir(dir).map_or(0, Iterator::count)
-    }
-
-    /// The relay's resident memory, in KiB.
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the relay's /proc status");
-        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"));
-        let kib = line.and_then(|l| l.trim().trim_end_matches("kB").trim().parse().ok());
-        kib.expect("VmRSS in /proc status")
-    }
-
-    /// One sample of `/metrics`, by its full name with labels.
-    fn metric(&self, sample: &str) -> f64 {
-        let mut stream = connect(self.metrics);
-        let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-        stream.write_all(request).expect("ask for metrics");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("metrics");
-        let prefix = format!("{sample} ");
-        let value = text.lines().find_map(|line| line.strip_prefix(&prefix));
-        value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A relay process on 127.0.0.1 with `flags` and a status endpoint; its
+/// registration address.
+fn start_relay_process(flags: &[&str]) -> (RelayProcess, SocketAddr) {
+    let reg = local(free_port());
+    let reg_port = reg.port().to_string();
+    let mut args = vec!["--bind", "127.0.0.1", "--reg-port", &reg_port];
+    args.extend(["--relay-style", "random"]);
+    args.extend(flags);
+    (RelayProcess::start(&args, local(free_port())), reg)
 }
 
 /// An echo app registered from 127.0.0.1, on its own thread.
-fn echo_app(relay: &RelayProcess) -> (tcp_relay::RunningEcho, SocketAddr) {
-    let app = EchoApp::connect(relay.reg).expect("the echo app registers");
+fn echo_app(reg: SocketAddr) -> (tcp_relay::RunningEcho, SocketAddr) {
+    let app = EchoApp::connect(reg).expect("the echo app registers");
     let port = app.relayed_port();
     (app.spawn().expect("spawn the app"), local(port))
 }
@@ -134,8 +80,9 @@ fn until_descriptors_at_most(relay: &RelayProcess, count: usize) {
 /// listed ones are served.
 #[test]
 fn refused_peers_get_nothing_and_cost_no_descriptor() {
-    let relay = RelayProcess::start(&["--allow-apps", "127.0.0.1", "--allow-clients", "127.0.0.2"]);
-    let (_app, public) = echo_app(&relay);
+    let (relay, reg) =
+        start_relay_process(&["--allow-apps", "127.0.0.1", "--allow-clients", "127.0.0.2"]);
+    let (_app, public) = echo_app(reg);
     assert!(echoed_from(CLIENT, public), "a listed client is served");
     wait_until("the served client is gone", || {
         relay.metric("tcp_relay_pipes") == 0.0
@@ -148,7 +95,7 @@ fn refused_peers_get_nothing_and_cost_no_descriptor() {
         held.push(turned_away_from(LOCALHOST, public));
     }
     for _ in 0..50 {
-        held.push(turned_away_from(STRANGER, relay.reg));
+        held.push(turned_away_from(STRANGER, reg));
     }
     until_descriptors_at_most(&relay, settled);
     let refused = |listener: &str| {
@@ -167,8 +114,8 @@ fn refused_peers_get_nothing_and_cost_no_descriptor() {
 /// have buckets of their own.
 #[test]
 fn clients_beyond_the_burst_get_nothing() {
-    let relay = RelayProcess::start(&["--client-rate", "1/m", "--client-burst", "3"]);
-    let (_app, public) = echo_app(&relay);
+    let (relay, reg) = start_relay_process(&["--client-rate", "1/m", "--client-burst", "3"]);
+    let (_app, public) = echo_app(reg);
     for i in 0..3 {
         assert!(echoed_from(CLIENT, public), "client {i} within the burst");
     }
@@ -184,8 +131,8 @@ fn clients_beyond_the_burst_get_nothing() {
 /// holds one entry per address, and a client from elsewhere is served.
 #[test]
 fn a_flood_of_sources_keeps_the_relay_small() {
-    let relay = RelayProcess::start(&["--client-rate", "5/s", "--client-burst", "5"]);
-    let (_app, public) = echo_app(&relay);
+    let (relay, reg) = start_relay_process(&["--client-rate", "5/s", "--client-burst", "5"]);
+    let (_app, public) = echo_app(reg);
     assert!(echoed_from(LOCALHOST, public));
     let before = relay.rss_kib();
     for _ in 0..10_000 {

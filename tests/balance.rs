@@ -11,14 +11,13 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::daemons::{Daemon, TempDir, free_port};
+use common::procs::{ExposeProcess, RelayProcess};
 use common::tools::tool;
 use common::*;
 
@@ -26,114 +25,26 @@ use common::*;
 /// reconnect back-off alone may wait several seconds.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-/// A relay process (`tcp-relay serve`), killed when dropped.
-struct RelayProcess {
-    child: Child,
-    metrics: SocketAddr, // its status endpoint, on 127.0.0.1
+/// A relay on `bind`, registration port `reg`, trusting PROXY headers
+/// from loopback (HAProxy), any relayed port allowed.
+fn start_relay_process(bind: IpAddr, reg: u16, metrics: u16) -> RelayProcess {
+    let (bind, reg) = (bind.to_string(), reg.to_string());
+    let args = [
+        "--bind",
+        &bind,
+        "--reg-port",
+        &reg,
+        "--port-range",
+        "1024-65535",
+        "--accept-proxy-from",
+        "127.0.0.0/8",
+    ];
+    RelayProcess::start(&args, local(metrics))
 }
 
-impl RelayProcess {
-    /// A relay on `bind`, registration port `reg`, trusting PROXY headers
-    /// from loopback (HAProxy), any relayed port allowed; returns once its
-    /// status endpoint answers.
-    fn start(bind: IpAddr, reg: u16, metrics: u16) -> RelayProcess {
-        let (bind, reg, metrics_addr) = (bind.to_string(), reg.to_string(), local(metrics));
-        let metrics_arg = metrics_addr.to_string();
-        let args = [
-            "serve",
-            "--bind",
-            &bind,
-            "--reg-port",
-            &reg,
-            "--port-range",
-            "1024-65535",
-            "--accept-proxy-from",
-            "127.0.0.0/8",
-            "--metrics",
-            &metrics_arg,
-            "-q",
-        ];
-        let child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start a relay");
-        let relay = RelayProcess {
-            child,
-            metrics: metrics_addr,
-        };
-        wait_until("the relay's status endpoint", || {
-            TcpStream::connect(relay.metrics).is_ok()
-        });
-        relay
-    }
-
-    /// Bytes this relay has carried from clients to the app.
-    fn bytes_to_app(&self) -> f64 {
-        let mut stream = connect(self.metrics);
-        let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-        stream.write_all(request).expect("ask for metrics");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("metrics");
-        let sample = "tcp_relay_bytes_total{direction=\"to_app\"} ";
-        let value = text.lines().find_map(|line| line.strip_prefix(sample));
-        value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
-    }
-
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `tcp-relay expose` with `args`; its address lines arrive on a channel.
-struct Expose {
-    child: Child,
-    lines: Receiver<String>,
-}
-
-impl Expose {
-    fn start(args: &[&str]) -> Expose {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
-            .arg("expose")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start expose");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Expose { child, lines }
-    }
-
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(PATIENCE)
-            .expect("an address line from expose")
-    }
-}
-
-impl Drop for Expose {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Bytes a relay has carried from clients to the app.
+fn bytes_to_app(relay: &RelayProcess) -> f64 {
+    relay.metric("tcp_relay_bytes_total{direction=\"to_app\"}")
 }
 
 /// A local echo service, a thread per connection.
@@ -219,16 +130,16 @@ fn two_relays_behind_haproxy_fail_over_and_come_back() {
     let (reg_a, reg_b) = (free_port(), free_port());
     let (metrics_a, metrics_b) = (free_port(), free_port());
     let other = IpAddr::from([127, 0, 0, 2]);
-    let relay_a = RelayProcess::start(LOCALHOST, reg_a, metrics_a);
-    let relay_b = RelayProcess::start(other, reg_b, metrics_b);
+    let relay_a = start_relay_process(LOCALHOST, reg_a, metrics_a);
+    let relay_b = start_relay_process(other, reg_b, metrics_b);
     let service = echo_service();
     let (a, b, local_arg) = (
         format!("127.0.0.1:{reg_a}"),
         format!("127.0.0.2:{reg_b}"),
         format!("echo={service}@{port}"),
     );
-    let expose = Expose::start(&["--relay", &a, "--relay", &b, "--local", &local_arg]);
-    let mut lines = [expose.line(), expose.line()];
+    let expose = ExposeProcess::start(&["--relay", &a, "--relay", &b, "--local", &local_arg]);
+    let mut lines = [expose.line_within(PATIENCE), expose.line_within(PATIENCE)];
     lines.sort();
     assert_eq!(
         lines,
@@ -242,18 +153,18 @@ fn two_relays_behind_haproxy_fail_over_and_come_back() {
     // Both relays serve clients through HAProxy.
     wait_until("clients through both relays", || {
         assert!(served(front, b"spread"), "a client through HAProxy");
-        relay_a.bytes_to_app() > 0.0 && relay_b.bytes_to_app() > 0.0
+        bytes_to_app(&relay_a) > 0.0 && bytes_to_app(&relay_b) > 0.0
     });
 
     // Relay A dies: every client is served through B once HAProxy saw it.
     relay_a.kill();
-    let before = relay_b.bytes_to_app();
+    let before = bytes_to_app(&relay_b);
     until_served_in_a_row(front, 20, "after relay A died");
-    assert!(relay_b.bytes_to_app() > before, "B carried them");
+    assert!(bytes_to_app(&relay_b) > before, "B carried them");
 
     // A comes back: the agent registers again on the same port, and
     // HAProxy sends clients to it again.
-    let relay_a = RelayProcess::start(LOCALHOST, reg_a, metrics_a);
+    let relay_a = start_relay_process(LOCALHOST, reg_a, metrics_a);
     assert_eq!(
         expose.line(),
         format!("127.0.0.1:{port}"),
@@ -261,7 +172,7 @@ fn two_relays_behind_haproxy_fail_over_and_come_back() {
     );
     wait_until_long("clients through the restarted relay", || {
         assert!(served(front, b"back"), "a client through HAProxy");
-        relay_a.bytes_to_app() > 0.0
+        bytes_to_app(&relay_a) > 0.0
     });
     until_served_in_a_row(front, 20, "with both relays back");
 }

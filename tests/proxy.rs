@@ -12,11 +12,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 
 use common::daemons::{Daemon, TempDir, free_port};
+use common::procs::ExposeProcess;
 use common::tools::tool;
 use common::*;
 use tcp_relay::{Config, ProxyVersion, RegisterOptions, RelayedApp};
@@ -52,35 +52,6 @@ fn haproxy(dir: &TempDir, front: u16, to: SocketAddr) -> Option<Daemon> {
     let path = dir.write("haproxy.cfg", &config);
     let args = ["-db", "-f", &path.display().to_string()];
     Some(Daemon::start("haproxy", &program, &args, dir, front))
-}
-
-/// `tcp-relay expose` with `args`, its stdout piped.
-struct Expose(Child);
-
-impl Expose {
-    fn start(args: &[&str]) -> (Expose, String) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
-            .arg("expose")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start expose");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
-        let expose = Expose(child);
-        read.expect("the address line");
-        (expose, line.trim().to_owned())
-    }
-}
-
-impl Drop for Expose {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// An HTTP/1.0 GET from 127.0.0.2 to `addr`; the response's body.
@@ -129,7 +100,8 @@ fn nginx_behind_expose_sees_the_clients_real_address() {
             version,
             "--no-reconnect",
         ];
-        let (_expose, public) = Expose::start(&args);
+        let expose = ExposeProcess::start(&args);
+        let public = expose.line();
         let public: SocketAddr = public.parse().expect("the public address");
         let (me, body) = get_from_other_loopback(public);
         assert_eq!(body, me.to_string(), "PROXY {version}");

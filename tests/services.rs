@@ -8,11 +8,12 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 
+use common::procs::ExposeProcess;
 use common::*;
 use tcp_relay::{Agent, AgentConfig, Registered, RunningAgent, Service, ServiceConfig};
 
@@ -199,44 +200,6 @@ fn several_services_need_names_of_their_own() {
     }
 }
 
-/// `tcp-relay expose` with `args`; stdout piped, one line per registration.
-struct Expose {
-    child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
-}
-
-impl Expose {
-    fn start(args: &[&str]) -> Expose {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
-            .arg("expose")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start expose");
-        let stdout = child.stdout.take().expect("stdout");
-        Expose {
-            child,
-            lines: BufReader::new(stdout).lines(),
-        }
-    }
-
-    fn line(&mut self) -> String {
-        match self.lines.next() {
-            Some(Ok(line)) => line,
-            other => panic!("expose printed no more lines: {other:?}"),
-        }
-    }
-}
-
-impl Drop for Expose {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// With several `--local`s, one line per registration: the service's
 /// name, a space, the public address; `@PORT` asks for that port.
 #[test]
@@ -250,7 +213,7 @@ fn expose_prints_one_named_line_per_registration() {
     let args = [
         "--relay", &relay_arg, "--local", &echo_arg, "--local", &web_arg,
     ];
-    let mut expose = Expose::start(&args);
+    let expose = ExposeProcess::start(&args);
     let mut lines = [expose.line(), expose.line()];
     lines.sort();
     let (echo_line, web_line) = (&lines[0], &lines[1]);

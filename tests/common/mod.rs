@@ -597,4 +597,5 @@ impl Pattern {
     }
 }
 pub mod daemons;
+pub mod procs;
 pub mod tools;
