@@ -35,7 +35,9 @@
 # e.g. "tunnel:1000 tunnel-ready:1000"), RAMP (seconds to spread the
 # connects over, 0), IO_TIMEOUT (seconds one read or write may block, 10),
 # DEADLINE (seconds after which a case's unfinished
-# clients are cut off and counted, 60), KEEP=1 keeps the raw outputs.
+# clients are cut off and counted, 60), RELAY_ARGS (more `serve` flags,
+# e.g. "--max-waiting 1024"; words split on spaces), KEEP=1 keeps the raw
+# outputs.
 
 set -uo pipefail
 
@@ -45,6 +47,7 @@ CLIENTS=${CLIENTS:-1000}
 CLIENTS_BIG=${CLIENTS_BIG:-2000}
 BYTES=${BYTES:-$((4 << 20))}
 READY=${READY:-8}
+read -r -a EXTRA_RELAY_ARGS <<<"${RELAY_ARGS:-}"
 PATHS=${PATHS:-tunnel tunnel-ready bore rathole}
 RAMP=${RAMP:-0}
 DEADLINE=${DEADLINE:-60}
@@ -138,7 +141,7 @@ start_path() {
             local ready=()
             [ "$path" = tunnel-ready ] && ready=(--ready "$READY")
             reg=$("$LOAD" free-port)
-            start server "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$reg"
+            start server "$RELAY" --log-level warn serve --bind 127.0.0.1 --reg-port "$reg" "${EXTRA_RELAY_ARGS[@]}"
             wait_port "$reg" || return 1
             start agent "$RELAY" --log-level warn expose --relay "127.0.0.1:$reg" \
                 --local "127.0.0.1:$echo_port" "${ready[@]}"

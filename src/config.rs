@@ -147,7 +147,12 @@ impl Default for Config {
             reg_port: 8080,
             relay_style: RelayStyle::Increment,
             dial_in_timeout: Duration::from_secs(10),
-            max_waiting_per_app: 1024,
+            // As many as the listen backlog queues: a burst the kernel takes
+            // for an app, its queue takes too (with 1024, 2,000 clients
+            // arriving at once through `expose --ready 8` lost a few hundred
+            // whenever the relay accepted them faster than the app dialed
+            // in). Still a quarter of the connection limit at most.
+            max_waiting_per_app: 4096,
             // 64 KiB: a loopback read rarely returns more, so larger rings buy
             // little throughput; each active direction holds at most this.
             buffer_size: 64 * 1024,

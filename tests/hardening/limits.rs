@@ -570,6 +570,10 @@ fn every_limit_has_a_sane_default() {
     let d = Config::default();
     assert!(d.max_apps >= 1 && d.max_waiting_per_app >= 1);
     assert!(d.max_connections >= 2 * d.max_waiting_per_app);
+    // A burst the backlog queues for one app must fit its waiting queue:
+    // below it, 2,000 clients at once through `expose --ready 8` lost
+    // hundreds (benches/burst.sh, RELAY_ARGS="--max-waiting 1024").
+    assert!(d.max_waiting_per_app >= d.backlog as usize);
     assert!(d.max_line >= 80, "room for the longest legitimate line");
     assert!(d.register_timeout >= Duration::from_secs(1));
     assert!(d.half_close_timeout >= Duration::from_secs(60), "generous");
