@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::Interest;
 use mio::event::Event;
@@ -33,6 +33,21 @@ enum Connects {
     Failed(String),         // the dial-in failed, or the client is done for
 }
 
+/// The first pause of dialing when out of descriptors.
+const DIAL_BACKOFF_MIN: Duration = Duration::from_millis(20);
+/// The longest pause: short enough that dialing resumes promptly.
+const DIAL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Whether making a socket failed for want of descriptors (the process's or
+/// the system's) or of socket memory: waiting helps, unlike a refused or
+/// unreachable address.
+fn is_exhaustion(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 impl AgentCore {
     /// A dial line from registration `link`: served now if fewer than
     /// `max_clients` clients are, else queued behind those already waiting.
@@ -54,7 +69,7 @@ impl AgentCore {
             addr: SocketAddr::new(conn.relay().ip(), port),
             token,
         };
-        if self.clients() < self.max_clients && self.queued.is_empty() {
+        if self.may_dial(now) && self.queued.is_empty() {
             return self.dial(line, now);
         }
         if !self.crowded {
@@ -70,9 +85,15 @@ impl AgentCore {
         self.queued.push_back(line);
     }
 
+    /// Whether a client may be dialed now: fewer than `max_clients` in
+    /// service, and not paused for want of descriptors.
+    fn may_dial(&self, now: Instant) -> bool {
+        self.clients() < self.max_clients && self.starved.is_none_or(|(_, until)| now >= until)
+    }
+
     /// Serves queued dial lines, oldest first, while there is room.
     pub(super) fn dial_queued(&mut self, now: Instant) {
-        while self.clients() < self.max_clients {
+        while self.may_dial(now) {
             let Some(line) = self.queued.pop_front() else {
                 if self.crowded {
                     log::info!("no dial request waits any more");
@@ -84,26 +105,34 @@ impl AgentCore {
         }
     }
 
-    /// Starts the connects for one client: the dial-in and, when forwarding,
-    /// the local service, both non-blocking, under the connect deadline.
+    /// Starts the connects for one client: the local service (when
+    /// forwarding) and the dial-in, both non-blocking, under the connect
+    /// deadline. Out of descriptors, the dial line waits instead (see
+    /// `pause_dialing`).
     fn dial(&mut self, line: DialLine, now: Instant) {
+        // The local socket first: a dial-in made and then dropped for want
+        // of the second socket would reach the relay and cost a client.
+        let local = match self.config.services[line.service].service {
+            Service::Echo => Ok(None),
+            Service::Forward(local) => TcpStream::connect(local).map(Some),
+        };
+        let (local, refused) = match local {
+            Ok(local) => (local, false),
+            Err(e) if is_exhaustion(&e) => return self.pause_dialing(line, &e, now),
+            Err(e) => {
+                self.note_local(line.service, Some(&e));
+                (None, true)
+            }
+        };
         let dial_in = match TcpStream::connect(line.addr) {
             Ok(stream) => stream,
+            Err(e) if is_exhaustion(&e) => return self.pause_dialing(line, &e, now),
             Err(e) => {
                 self.metrics.dial_in_failures += 1;
                 return log::warn!("dial-in to {} failed: {e}", line.addr);
             }
         };
-        let (local, refused) = match self.config.services[line.service].service {
-            Service::Echo => (None, false),
-            Service::Forward(local) => match TcpStream::connect(local) {
-                Ok(stream) => (Some(stream), false),
-                Err(e) => {
-                    self.note_local(line.service, Some(&e));
-                    (None, true)
-                }
-            },
-        };
+        self.fed();
         let dialing = Dialing {
             dial_in,
             local,
@@ -119,6 +148,32 @@ impl AgentCore {
         {
             Ok(id) => self.table.arm(id, now + self.config.connect_timeout),
             Err(e) => log::warn!("dial-in to {} dropped: {e}", line.addr),
+        }
+    }
+
+    /// A socket could not be made for want of descriptors (or socket
+    /// memory): the dial line goes back to the head of the queue and dialing
+    /// pauses, 20 ms doubling to 1 s while it lasts, as the relay pauses
+    /// accepting. The client waits (the relay's dial-in timeout answers for
+    /// it) instead of being lost: descriptors come back as clients leave and
+    /// as splice pipes, which take what sockets leave, are let go.
+    fn pause_dialing(&mut self, line: DialLine, e: &io::Error, now: Instant) {
+        self.queued.push_front(line);
+        let backoff = self
+            .starved
+            .map_or(DIAL_BACKOFF_MIN, |(b, _)| (b * 2).min(DIAL_BACKOFF_MAX));
+        if self.starved.is_none() {
+            log::warn!(
+                "cannot open a connection ({e}); dial requests wait until descriptors free up"
+            );
+        }
+        self.starved = Some((backoff, now + backoff));
+    }
+
+    /// Sockets could be made again: the episode is over.
+    fn fed(&mut self) {
+        if self.starved.take().is_some() {
+            log::info!("dialing again");
         }
     }
 

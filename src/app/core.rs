@@ -38,8 +38,9 @@ pub(super) struct AgentCore {
     pub(super) max_clients: usize, // most clients served at once
     pub(super) queued: VecDeque<DialLine>, // dial lines waiting for room, oldest first
     pub(super) crowded: bool, // dial lines are waiting (logged once per episode)
-    pub(super) metrics: Metrics, // (status) counters of what happened
-    pub(super) status: Option<TcpListener>, // (status) the status endpoint, if asked for
+    pub(super) starved: Option<(Duration, Instant)>, // out of descriptors: back-off, and no dialing before
+    pub(super) metrics: Metrics,                     // (status) counters of what happened
+    pub(super) status: Option<TcpListener>,          // (status) the status endpoint, if asked for
 }
 
 impl AgentCore {
@@ -62,6 +63,7 @@ impl AgentCore {
             max_clients,
             queued: VecDeque::new(),
             crowded: false,
+            starved: None,
             metrics: Metrics::default(),
             status: None,
             config,
@@ -100,7 +102,14 @@ impl Handler for AgentCore {
         if self.table.has_requeued() {
             return Some(Duration::ZERO);
         }
-        reactor::until(self.table.next_deadline(), now)
+        let dial_again = self
+            .starved
+            .map(|(_, at)| at)
+            .filter(|_| !self.queued.is_empty());
+        reactor::until(
+            reactor::earliest(self.table.next_deadline(), dial_again),
+            now,
+        )
     }
 
     fn on_event(&mut self, event: &Event, now: Instant) {

@@ -160,3 +160,77 @@ fn out_of_descriptors_a_waiting_client_still_gets_its_dial_in() {
         started.elapsed()
     );
 }
+
+/// A local echo service on 127.0.0.1:0, a thread per connection.
+fn echo_service() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the service");
+    let addr = listener.local_addr().expect("its address");
+    thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The agent out of descriptors: `expose` under `prlimit --nofile=32`
+/// (room for about a dozen clients at two sockets each) with more clients
+/// than that at once, and `--max-clients` above what the descriptors hold.
+/// A client whose sockets cannot be made waits (dialing pauses and
+/// retries) instead of being lost: every client is served, in order, as
+/// the ones before it leave.
+#[test]
+fn out_of_descriptors_the_agent_makes_clients_wait_and_serves_them() {
+    const CLIENTS: usize = 24;
+    let relay = start_relay_with(|c| c.dial_in_timeout = Duration::from_secs(30));
+    let (reg, local) = (relay.reg_addr().to_string(), echo_service().to_string());
+    let binary = env!("CARGO_BIN_EXE_tcp-relay");
+    let args = [
+        "--nofile=32:32",
+        binary,
+        "expose",
+        "--relay",
+        &reg,
+        "--local",
+        &local,
+        "--max-clients",
+        "100",
+        "--no-splice",
+    ];
+    let mut agent = Process::spawn("prlimit", &args, &[]);
+    let public: SocketAddr = agent
+        .stdout_line("the address")
+        .parse()
+        .expect("an address");
+    let mut clients: Vec<TcpStream> = (0..CLIENTS).map(|_| connect(public)).collect();
+    for (i, client) in clients.iter_mut().enumerate() {
+        client.write_all(&[i as u8]).expect("a client writes");
+    }
+    assert!(
+        agent
+            .find_in_log("dial requests wait until descriptors free up", WAIT)
+            .is_some(),
+        "the agent never ran out of descriptors: {:?}",
+        agent.log()
+    );
+    for (i, mut client) in clients.into_iter().enumerate() {
+        client
+            .set_read_timeout(Some(Duration::from_secs(25)))
+            .expect("set a read timeout");
+        let mut byte = [0u8; 1];
+        let read = client.read_exact(&mut byte);
+        assert!(
+            read.is_ok() && byte[0] == i as u8,
+            "client {i} was not served ({read:?}); log: {:?}",
+            agent.log()
+        );
+        // Leaving frees the descriptors the next waiting client needs.
+    }
+}
