@@ -63,24 +63,9 @@ if [ -z "${CASES:-}" ]; then
     done
 fi
 
-OUT=$(mktemp -d /tmp/relay-burst.XXXXXX)
-PIDS=()
-# shellcheck disable=SC2317 # reached through the trap
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    if [ "${KEEP:-0}" = 1 ]; then echo "raw outputs kept in $OUT" >&2; else rm -rf "$OUT"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-note() { echo "burst: $*" >&2; }
-
-note "building (release)"
-cargo build --release --quiet --bin tcp-relay --example load || exit 1
-TARGET=${CARGO_TARGET_DIR:-target}/release
-RELAY=$TARGET/tcp-relay
-LOAD=$TARGET/examples/load
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+bench_begin burst
 
 case " $CASES " in *" bore:"*)
     command -v bore >/dev/null || { note "bore missing: cargo install bore-cli"; cargo install --quiet bore-cli; } ;;
@@ -88,19 +73,6 @@ esac
 case " $CASES " in *" rathole:"*)
     command -v rathole >/dev/null || { note "rathole missing: cargo install rathole"; cargo install --quiet rathole; } ;;
 esac
-
-# Starts a background process with its stdout in $OUT/$1.out and stderr in
-# $OUT/$1.err; its pid lands in the variable named $1 and in PIDS. The files
-# are emptied here first: the background job's own redirection happens when
-# it gets to run, and until then a reader would see the last case's lines.
-start() {
-    local name=$1
-    shift
-    : >"$OUT/$name.out"
-    "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" &
-    PIDS+=("$!")
-    printf -v "$name" '%s' "$!"
-}
 
 # Stops every process started so far and waits for them to be gone (so the
 # next case can bind bore's fixed port, and sees an unloaded machine).
@@ -110,24 +82,6 @@ stop_all() {
     PIDS=()
 }
 
-# First line of a file once it has one (a process printing its address).
-first_line() {
-    for _ in $(seq 100); do
-        [ -s "$1" ] && { head -1 "$1"; return 0; }
-        sleep 0.1
-    done
-    return 1
-}
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-wait_port() {
-    for _ in $(seq 100); do
-        port_open "$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
 
 server="" agent="" # pids, set by start
 

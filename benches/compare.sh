@@ -55,24 +55,9 @@ NO_SPLICE=()
 [ "${SPLICE:-1}" = 0 ] && NO_SPLICE=(--no-splice)
 read -r -a EXTRA_RELAY_ARGS <<<"${RELAY_ARGS:-}"
 
-OUT=$(mktemp -d /tmp/relay-compare.XXXXXX)
-PIDS=()
-# shellcheck disable=SC2317 # reached through the trap
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    if [ "${KEEP:-0}" = 1 ]; then echo "raw outputs kept in $OUT" >&2; else rm -rf "$OUT"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-note() { echo "compare: $*" >&2; }
-
-note "building (release)"
-cargo build --release --quiet --bin tcp-relay --example load || exit 1
-TARGET=${CARGO_TARGET_DIR:-target}/release
-RELAY=$TARGET/tcp-relay
-LOAD=$TARGET/examples/load
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+bench_begin compare
 
 if ! command -v bore >/dev/null; then
     note "bore missing: cargo install bore-cli"
@@ -82,33 +67,6 @@ if ! command -v rathole >/dev/null; then
     note "rathole missing: cargo install rathole (several minutes)"
     cargo install --quiet rathole || note "rathole did not install; rathole column skipped"
 fi
-
-# Starts a background process with its stdout in $OUT/$1.out and stderr in
-# $OUT/$1.err; its pid lands in the variable named $1 and in PIDS.
-start() {
-    local name=$1
-    shift
-    "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" &
-    PIDS+=("$!")
-    printf -v "$name" '%s' "$!"
-}
-
-# First line of a file once it has one (a process printing its address).
-first_line() {
-    for _ in $(seq 100); do
-        [ -s "$1" ] && { head -1 "$1"; return 0; }
-        sleep 0.1
-    done
-    return 1
-}
-
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
 
 # Pids, set by start.
 echo_server="" relay1="" echo_app="" relay2="" expose="" bore_server="" bore_local=""

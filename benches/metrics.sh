@@ -21,41 +21,13 @@ SECS=${SECS:-5}
 RR_CONNS=${RR_CONNS:-100}
 SCRAPE_EVERY=${SCRAPE_EVERY:-1}
 
-OUT=$(mktemp -d /tmp/relay-metrics.XXXXXX)
-PIDS=()
-# shellcheck disable=SC2317 # reached through the trap
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$OUT"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-note() { echo "metrics: $*" >&2; }
+# shellcheck source=benches/lib.sh
+. benches/lib.sh
+bench_begin metrics
 
-note "building (release)"
-cargo build --release --quiet --bin tcp-relay --example load || exit 1
-TARGET=${CARGO_TARGET_DIR:-target}/release
-RELAY=$TARGET/tcp-relay
-LOAD=$TARGET/examples/load
-
-first_line() {
-    for _ in $(seq 100); do
-        [ -s "$1" ] && { head -1 "$1"; return 0; }
-        sleep 0.1
-    done
-    return 1
-}
-wait_port() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
-
-# start NAME ARGS...: a relay with the echo app; sets ADDR_NAME and PID_NAME.
-start() {
+# relay_with_echo NAME ARGS...: a relay with the echo app; sets ADDR_NAME
+# and PID_NAME.
+relay_with_echo() {
     local name=$1 reg
     shift
     reg=$("$LOAD" free-port)
@@ -71,8 +43,8 @@ start() {
 }
 
 METRICS_PORT=$("$LOAD" free-port)
-start off
-start on --metrics "127.0.0.1:$METRICS_PORT"
+relay_with_echo off
+relay_with_echo on --metrics "127.0.0.1:$METRICS_PORT"
 # shellcheck disable=SC2154 # set by start through printf -v
 note "off ${ADDR_off}, on ${ADDR_on} (metrics on 127.0.0.1:$METRICS_PORT)"
 
