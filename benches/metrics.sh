@@ -3,9 +3,9 @@
 # without --metrics and one with it, each with the built-in echo app; the
 # load tool's bulk and rr runs alternate between them RUNS times while a
 # scraper fetches /metrics (and /status) from the second once a second.
-# Prints each run's figures, the medians and their ratio (on/off), and the
-# idle RSS of both relays after the runs (the one with --metrics after
-# being scraped all along).
+# Prints each run's figures (which relay goes first alternates), the
+# medians and their ratio (on/off), and the idle RSS of both relays after
+# the runs (the one with --metrics after being scraped all along).
 #
 # Knobs (environment): RUNS (5), BULK (bytes each way, 1 stream, 512 MiB),
 # SECS (rr duration, 5), RR_CONNS (100), SCRAPE_EVERY (seconds, 1).
@@ -68,7 +68,11 @@ key() { tr ' ' '\n' <"$1" | sed -n "s/^$2=//p" | head -1; }
 median() { sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 for run in $(seq "$RUNS"); do
-    for side in off on; do
+    # Which relay goes first alternates, so that drift within a pair (a
+    # warmer cache, a neighbour's job) favours neither.
+    order="off on"
+    [ $((run % 2)) = 0 ] && order="on off"
+    for side in $order; do
         addr_var=ADDR_$side
         "$LOAD" bulk --addr "${!addr_var}" --streams 1 --bytes "$BULK" | grep '^RESULT' >"$OUT/bulk.$side.$run"
         "$LOAD" rr --addr "${!addr_var}" --conns "$RR_CONNS" --secs "$SECS" --size 64 |

@@ -234,6 +234,29 @@ impl From<AgentError> for io::Error {
 
 /// An app-side agent, ready to [`register`](Agent::register) and
 /// [`run`](Agent::run).
+///
+/// ```no_run
+/// use tcp_relay::{Agent, AgentConfig, Service, ServiceConfig};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let local = Service::Forward("127.0.0.1:3000".parse()?);
+/// let mut config = AgentConfig::new("relay.example.com:8080", local);
+/// config.services[0].name = "web".into();
+/// config.services[0].port = Some(8081); // ask each relay for port 8081
+/// config.services.push(ServiceConfig {
+///     name: "ssh".into(),
+///     allow_clients: Some("198.51.100.0/24".parse()?),
+///     ..ServiceConfig::new(Service::Forward("127.0.0.1:22".parse()?))
+/// });
+/// config.relays.push("relay-b.example.com:8080".into());
+/// let mut agent = Agent::new(config)?;
+/// agent.on_registered(|r| println!("{} {}:{}", r.service, r.relay, r.port));
+/// agent.register()?; // every service up on at least one relay
+/// let running = agent.spawn()?;
+/// println!("{:?}", running.registrations());
+/// # Ok(())
+/// # }
+/// ```
 pub struct Agent {
     reactor: Reactor, // the poll this agent runs on
     core: AgentCore,  // everything the handler owns
