@@ -1395,7 +1395,11 @@ mod echo {
     //! connections over them). One read buffer per loop; a connection
     //! holds bytes only while its peer is not taking the echo (then we stop
     //! reading it: backpressure). Half-close is carried: the peer's EOF is
-    //! answered with ours once everything was echoed.
+    //! answered with ours once everything was echoed, and the socket is
+    //! kept until the peer has acknowledged every byte (as the relay does:
+    //! a close would leave them to an orphan, which the kernel resets when
+    //! TCP memory runs short, and the load would count the echo server's
+    //! loss against the path it measures).
 
     use std::io::{self, Read, Write};
     use std::net::{Shutdown, SocketAddr};
@@ -1460,6 +1464,30 @@ mod echo {
         Wait,  // nothing more until an event
         Again, // budget spent with work left
         Close,
+        Linger, // done: close once the peer has every byte
+    }
+
+    /// How long a finished connection is kept for its peer to acknowledge
+    /// the last bytes, and how often that is checked.
+    const LINGER: Duration = Duration::from_secs(30);
+    const LINGER_CHECK: Duration = Duration::from_millis(10);
+
+    /// Bytes written to `stream` not yet acknowledged (`SIOCOUTQ`), or 0
+    /// once the socket has an error (nothing more will be delivered).
+    fn unacked(stream: &TcpStream) -> usize {
+        use std::os::fd::AsRawFd;
+        if !matches!(stream.take_error(), Ok(None)) {
+            return 0;
+        }
+        let mut queued: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int through the pointer; the
+        // descriptor is open while `stream` lives.
+        let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+        if done == 0 {
+            usize::try_from(queued).unwrap_or(0)
+        } else {
+            0
+        }
     }
 
     fn run(mut listener: TcpListener, deadline: Instant, proxy: bool) -> io::Result<()> {
@@ -1470,11 +1498,16 @@ mod echo {
         let mut conns: Slab<Conn> = Slab::new();
         let mut buf = vec![0u8; BUF];
         let mut again: Vec<usize> = Vec::new();
+        let mut lingering: Vec<(TcpStream, Instant)> = Vec::new();
         while Instant::now() < deadline {
-            let timeout = if again.is_empty() {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
+            let now = Instant::now();
+            lingering.retain(|(stream, since)| now < *since + LINGER && unacked(stream) > 0);
+            let timeout = if !again.is_empty() {
                 Duration::ZERO
+            } else if !lingering.is_empty() {
+                LINGER_CHECK
+            } else {
+                deadline.saturating_duration_since(now)
             };
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -1506,6 +1539,14 @@ mod echo {
                         let mut c = conns.remove(key);
                         let _ = poll.registry().deregister(&mut c.stream);
                         again.retain(|&k| k != key);
+                    }
+                    Step::Linger => {
+                        let mut c = conns.remove(key);
+                        let _ = poll.registry().deregister(&mut c.stream);
+                        again.retain(|&k| k != key);
+                        if unacked(&c.stream) > 0 {
+                            lingering.push((c.stream, Instant::now()));
+                        }
                     }
                 }
             }
@@ -1577,7 +1618,7 @@ mod echo {
             }
             if c.eof {
                 let _ = c.stream.shutdown(Shutdown::Write);
-                return Step::Close;
+                return Step::Linger;
             }
             if !c.readable {
                 return Step::Wait;

@@ -42,6 +42,7 @@ pub(crate) mod access;
 pub(crate) mod app;
 pub(crate) mod buffer;
 pub(crate) mod config;
+pub(crate) mod flush;
 pub(crate) mod ops;
 pub(crate) mod pipe;
 pub(crate) mod pool;

@@ -28,6 +28,7 @@ use mio::event::Event;
 use mio::net::TcpStream;
 
 use crate::buffer::Buffer;
+use crate::flush::Flush;
 use crate::pool::BufferPool;
 use crate::sockio::{Io, Stream};
 
@@ -566,6 +567,17 @@ impl<S: Stream> Pipe<S> {
         self.a_to_b.release(pool);
         self.b_to_a.release(pool);
     }
+
+    /// Bytes written to either socket that its peer has not acknowledged.
+    pub fn unacked(&self) -> usize {
+        Flush::unacked(&[&self.a.stream, &self.b.stream])
+    }
+
+    /// A finished pipe's sockets (a, then b), its buffers returned.
+    pub fn into_streams(mut self, pool: &mut BufferPool) -> Vec<S> {
+        self.release(pool);
+        vec![self.a.stream, self.b.stream]
+    }
 }
 
 /// One socket whose bytes are written back to it: the sample app's service.
@@ -617,5 +629,16 @@ impl<S: Stream> Echo<S> {
     /// Returns any buffer to the pool.
     pub fn release(&mut self, pool: &mut BufferPool) {
         self.back.release(pool);
+    }
+
+    /// Bytes echoed that the peer has not acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.end.stream.unacked()
+    }
+
+    /// A finished echo's socket, its buffer returned.
+    pub fn into_streams(mut self, pool: &mut BufferPool) -> Vec<S> {
+        self.release(pool);
+        vec![self.end.stream]
     }
 }

@@ -49,6 +49,9 @@ pub trait Stream {
     /// Makes the coming close send RST instead of FIN ([`reset_on_close`]).
     fn reset_on_close(&self);
 
+    /// Bytes written that the peer has not acknowledged yet ([`unacked`]).
+    fn unacked(&self) -> usize;
+
     /// The descriptor `splice(2)` moves bytes from or to, or `None` for a
     /// stream that is not a socket (a script), which only rings can serve.
     #[cfg(target_os = "linux")]
@@ -75,6 +78,11 @@ impl Stream for TcpStream {
 
     fn reset_on_close(&self) {
         reset_on_close(self);
+    }
+
+    #[inline]
+    fn unacked(&self) -> usize {
+        unacked(self)
     }
 
     #[cfg(target_os = "linux")]
@@ -283,6 +291,32 @@ pub fn no_delay(stream: &TcpStream) {
 /// rather than a clean end it could mistake for a complete (or empty) stream.
 pub fn reset_on_close(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// Bytes written to `stream` that its peer has not acknowledged yet, FIN
+/// included (Linux: `SIOCOUTQ`, the send queue from the first unacknowledged
+/// byte). What a close would leave to an orphan socket, which the kernel
+/// resets when TCP memory or `tcp_max_orphans` runs out. 0 where the
+/// system does not say, or on error: then a close is as it always was.
+#[cfg(target_os = "linux")]
+pub fn unacked(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ (TIOCOUTQ) writes one int through the pointer, which
+    // points at one; the descriptor is open for as long as `stream` lives.
+    let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if done == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Elsewhere the kernel does not say (FreeBSD's `FIONWRITE` counts only
+/// bytes not yet sent, not those unacknowledged).
+#[cfg(not(target_os = "linux"))]
+pub fn unacked(_stream: &TcpStream) -> usize {
+    0
 }
 
 /// Turns on what a long-lived, mostly silent control connection needs:

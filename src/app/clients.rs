@@ -112,11 +112,7 @@ impl AgentCore {
     fn dial(&mut self, line: DialLine, now: Instant) {
         // The local socket first: a dial-in made and then dropped for want
         // of the second socket would reach the relay and cost a client.
-        let local = match self.config.services[line.service].service {
-            Service::Echo => Ok(None),
-            Service::Forward(local) => TcpStream::connect(local).map(Some),
-        };
-        let (local, refused) = match local {
+        let (local, refused) = match self.connect_local(line.service) {
             Ok(local) => (local, false),
             Err(e) if is_exhaustion(&e) => return self.pause_dialing(line, &e, now),
             Err(e) => {
@@ -151,6 +147,15 @@ impl AgentCore {
         }
     }
 
+    /// Starts the connect to service `service`'s local address (none for
+    /// the echo app).
+    fn connect_local(&self, service: usize) -> io::Result<Option<TcpStream>> {
+        match self.config.services[service].service {
+            Service::Echo => Ok(None),
+            Service::Forward(local) => TcpStream::connect(local).map(Some),
+        }
+    }
+
     /// A socket could not be made for want of descriptors (or socket
     /// memory): the dial line goes back to the head of the queue and dialing
     /// pauses, 20 ms doubling to 1 s while it lasts, as the relay pauses
@@ -180,11 +185,11 @@ impl AgentCore {
     /// A client's connects did not all finish in time: close them with a
     /// reset (a dial-in the relay already paired resets its client) rather
     /// than leave the client hanging.
-    pub(super) fn connect_timed_out(&mut self, id: Id) {
+    pub(super) fn connect_timed_out(&mut self, id: Id, now: Instant) {
         // A connect that completed while this turn was busy has its event
         // in the next poll, not taken yet: ask the sockets before giving up.
         for sub in [DIAL_IN, LOCAL] {
-            self.finish_connect(id, sub, None);
+            self.finish_connect(id, sub, None, now);
         }
         let Some(AgentConn::Dialing(dialing)) = self.table.get(id) else {
             return;
@@ -200,7 +205,13 @@ impl AgentCore {
 
     /// One of a client's connects finished (or failed); once all have, the
     /// client is served (Dialing => Piping or Echoing).
-    pub(super) fn finish_connect(&mut self, id: Id, sub: usize, event: Option<&Event>) {
+    pub(super) fn finish_connect(
+        &mut self,
+        id: Id,
+        sub: usize,
+        event: Option<&Event>,
+        now: Instant,
+    ) {
         let Some(AgentConn::Dialing(dialing)) = self.table.get_mut(id) else {
             return;
         };
@@ -212,7 +223,7 @@ impl AgentCore {
                     self.note_local(service, None);
                 }
                 self.start_serving(id);
-                self.pump(id);
+                self.pump(id, now);
             }
             Connects::LocalFailed(e) => self.note_local(service, Some(&e)),
             Connects::Failed(why) => {

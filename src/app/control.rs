@@ -145,11 +145,11 @@ impl AgentCore {
         self.table.transition(id, |conn| match conn {
             AgentConn::Connecting(link, stream) => {
                 keep_alive(&stream);
-                let conn = LinkConn {
+                let conn = Box::new(LinkConn {
                     stream,
                     relay,
                     client: Client::new(registration),
-                };
+                });
                 AgentConn::Registering(link, conn)
             }
             other => other,

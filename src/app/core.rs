@@ -13,6 +13,7 @@ use mio::{Registry, Token};
 use super::state::{AgentConn, DIAL_IN, DIALING, DialLine, Ending, LINKS_UP, Link, SERVING};
 use super::status::Metrics;
 use super::{AgentConfig, AgentError, Registered};
+use crate::flush::{Check, Flush, STALL};
 use crate::pipe::{Broken, Flow};
 use crate::pool::BufferPool;
 use crate::reactor::{self, Handler};
@@ -163,25 +164,24 @@ impl AgentCore {
                 self.serve_link(id, ending, now);
             }
             // A connect finished or failed: writable or error says which.
-            Some(AgentConn::Dialing(_)) => self.finish_connect(id, sub, event),
+            Some(AgentConn::Dialing(_)) => self.finish_connect(id, sub, event, now),
             Some(AgentConn::Echoing(echo)) => {
-                if let Some(event) = event {
-                    echo.end.note(event);
-                }
-                self.pump(id);
+                event.inspect(|e| echo.end.note(*e));
+                self.pump(id, now);
             }
+            // a: the dial-in; b: the local service.
             Some(AgentConn::Piping(pipe)) => {
                 match (event, sub == DIAL_IN) {
-                    (Some(event), true) => pipe.a.note(event),  // the dial-in
-                    (Some(event), false) => pipe.b.note(event), // the local service
+                    (Some(event), true) => pipe.a.note(event),
+                    (Some(event), false) => pipe.b.note(event),
                     (None, _) => {}
                 }
-                self.pump(id);
+                self.pump(id, now);
             }
+            // Acknowledgements free send space, a reset ends the wait: look.
+            Some(AgentConn::Flushing(_)) => self.check_flush(id, now),
             Some(AgentConn::Observer(conn)) => {
-                if let Some(event) = event {
-                    conn.note(event);
-                }
+                event.inspect(|e| conn.note(e));
                 self.serve_observer(id);
             }
             Some(AgentConn::Reconnecting(_) | AgentConn::Vacant) | None => {}
@@ -200,7 +200,8 @@ impl AgentCore {
                 let why = conn.registration_timed_out();
                 self.lost(id, now, why);
             }
-            Some(AgentConn::Dialing(_)) => self.connect_timed_out(id),
+            Some(AgentConn::Dialing(_)) => self.connect_timed_out(id, now),
+            Some(AgentConn::Flushing(_)) => self.check_flush(id, now),
             // A scraper that did not finish its request in time.
             Some(AgentConn::Observer(_)) => self.table.close(id, Ending::Abort),
             Some(
@@ -214,7 +215,7 @@ impl AgentCore {
     }
 
     /// Moves a client's bytes; requeues it if its budget ran out.
-    pub(super) fn pump(&mut self, id: Id) {
+    pub(super) fn pump(&mut self, id: Id, now: Instant) {
         let flow = match self.table.get_mut(id) {
             Some(AgentConn::Echoing(echo)) => echo.pump(&mut self.pool),
             Some(AgentConn::Piping(pipe)) => pipe.pump(&mut self.pool),
@@ -223,12 +224,61 @@ impl AgentCore {
         match flow {
             Ok(Flow::Idle) => {}
             Ok(Flow::More) => self.table.requeue(id, DIAL_IN),
-            Ok(Flow::Done) => self.table.close(id, Ending::Done),
+            Ok(Flow::Done) => self.finish(id, now),
             // A lost trial is the relay's notion; here it is a reset.
             Err(Broken::Reset | Broken::Lost) => self.table.close(id, Ending::Abort),
             Err(Broken::Failed(e)) => {
                 log::debug!("client stream failed: {e}");
                 self.table.close(id, Ending::Abort);
+            }
+        }
+    }
+
+    /// Both ways are done: closed, or Flushing while the relay or the
+    /// service has not acknowledged every byte (a close would leave them to
+    /// an orphan, which the kernel resets when TCP memory runs short).
+    fn finish(&mut self, id: Id, now: Instant) {
+        let unacked = match self.table.get(id) {
+            Some(AgentConn::Echoing(echo)) => echo.unacked(),
+            Some(AgentConn::Piping(pipe)) => pipe.unacked(),
+            _ => return,
+        };
+        if unacked == 0 {
+            return self.table.close(id, Ending::Done);
+        }
+        let (pool, metrics, mut check) = (&mut self.pool, &mut self.metrics, Check::Delivered);
+        self.table.transition(id, |conn| {
+            let ends = match conn {
+                AgentConn::Echoing(echo) => echo.into_streams(pool),
+                AgentConn::Piping(pipe) => {
+                    metrics.count_closed(pipe.moved_each_way());
+                    pipe.into_streams(pool)
+                }
+                other => return other,
+            };
+            let (flush, first) = Flush::new(ends, now);
+            check = first;
+            AgentConn::Flushing(flush)
+        });
+        self.flush_checked(id, check);
+    }
+
+    /// Flushing: counts what the peers have not acknowledged yet.
+    fn check_flush(&mut self, id: Id, now: Instant) {
+        if let Some(AgentConn::Flushing(flush)) = self.table.get_mut(id) {
+            let check = flush.check(now);
+            self.flush_checked(id, check);
+        }
+    }
+
+    /// Flushing => closed once delivered, or when the peers stall.
+    fn flush_checked(&mut self, id: Id, check: Check) {
+        match check {
+            Check::Delivered => self.table.close(id, Ending::Done),
+            Check::Again(at) => self.table.arm(id, at),
+            Check::Stalled => {
+                log::debug!("client closed with bytes unacknowledged for {STALL:?}");
+                self.table.close(id, Ending::Done);
             }
         }
     }
@@ -244,11 +294,13 @@ impl AgentCore {
                     [Some(echo.end.stream), None]
                 }
                 AgentConn::Piping(mut pipe) => {
-                    let (to_service, to_client) = pipe.moved_each_way();
-                    self.metrics.closed_bytes.0 += to_service;
-                    self.metrics.closed_bytes.1 += to_client;
+                    self.metrics.count_closed(pipe.moved_each_way());
                     pipe.release(&mut self.pool);
                     [Some(pipe.a.stream), Some(pipe.b.stream)]
+                }
+                AgentConn::Flushing(flush) => {
+                    let mut ends = flush.into_ends().into_iter();
+                    [ends.next(), ends.next()]
                 }
                 AgentConn::Observer(conn) => [Some(conn.stream), None],
                 AgentConn::Connecting(_, stream) => [Some(stream), None],

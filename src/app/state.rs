@@ -12,6 +12,9 @@
 //!
 //!  client:  dial line ─► Dialing ─(both connects done)─► Piping / Echoing ─► closed
 //!                          └── a connect failed or timed out ──► closed (reset)
+//!
+//!  (a client done while its peers have not acknowledged every byte stays
+//!   Flushing until they have: Piping / Echoing ─► Flushing ─► closed)
 //! ```
 
 use std::io;
@@ -22,6 +25,7 @@ use mio::net::TcpStream;
 
 use super::control::LinkConn;
 use crate::auth::DialToken;
+use crate::flush::Flush;
 use crate::ops::server::StatusConn;
 use crate::pipe::{Echo, Pipe, RxState};
 use crate::table::{Id, State};
@@ -33,16 +37,22 @@ pub(super) enum AgentConn {
     /// A registration whose connect to the relay is under way.
     Connecting(Link, TcpStream),
     /// Connected; waiting for the established line (and the answer to a
-    /// `port` request).
-    Registering(Link, LinkConn),
+    /// `port` request). The connection is boxed: with its registration's
+    /// requests it is the largest part of any state, and every entry of the
+    /// table (mostly clients) is as large as the largest state.
+    Registering(Link, Box<LinkConn>),
     /// Registered on a relayed port; serving dial lines.
-    Registered(Link, LinkConn),
+    Registered(Link, Box<LinkConn>),
     /// A client's connects under way: its dial-in, and the local service.
     Dialing(Dialing),
     /// A dial-in being echoed (the sample app).
     Echoing(Echo),
     /// A dial-in piped to the local service.
     Piping(Pipe),
+    /// A finished client (piped or echoed) whose peers have not
+    /// acknowledged every byte yet (see `crate::flush`); it holds its
+    /// sockets, so it counts as served until they have.
+    Flushing(Flush),
     /// (`status`) A connection to the status endpoint (`--metrics`).
     Observer(StatusConn),
     /// Placeholder for the instant of a transition.
@@ -73,6 +83,7 @@ impl State for AgentConn {
             AgentConn::Dialing(_) => "Dialing",
             AgentConn::Echoing(_) => "Echoing",
             AgentConn::Piping(_) => "Piping",
+            AgentConn::Flushing(_) => "Flushing",
             AgentConn::Observer(_) => "Observer",
             AgentConn::Vacant => "Vacant",
         }
@@ -85,7 +96,7 @@ impl State for AgentConn {
             }
             AgentConn::Registered(..) => Some(LINKS_UP),
             AgentConn::Dialing(_) => Some(DIALING),
-            AgentConn::Echoing(_) | AgentConn::Piping(_) => Some(SERVING),
+            AgentConn::Echoing(_) | AgentConn::Piping(_) | AgentConn::Flushing(_) => Some(SERVING),
             AgentConn::Observer(_) => Some(OBSERVERS),
             AgentConn::Vacant => None,
         }
@@ -100,6 +111,7 @@ impl State for AgentConn {
             | AgentConn::Echoing(_) => 1,
             AgentConn::Dialing(dialing) => 1 + usize::from(dialing.local.is_some()),
             AgentConn::Piping(_) => 2,
+            AgentConn::Flushing(flush) => flush.sockets(),
         }
     }
 }
@@ -155,4 +167,21 @@ pub(super) fn timed_out(what: std::time::Duration) -> io::Error {
         io::ErrorKind::TimedOut,
         format!("connect timed out after {what:?}"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry of the table is as large as the largest state, and most
+    /// entries are clients: a state larger than a pipe costs every client
+    /// (the registrations' connections are boxed for this).
+    #[test]
+    fn an_entry_is_no_larger_than_a_pipe() {
+        let (entry, pipe) = (size_of::<AgentConn>(), size_of::<Pipe>());
+        assert!(
+            entry <= pipe + size_of::<usize>(),
+            "{entry} B, a pipe {pipe} B"
+        );
+    }
 }

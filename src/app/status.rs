@@ -41,6 +41,14 @@ impl Default for Metrics {
     }
 }
 
+impl Metrics {
+    /// Adds the bytes a finished pipe moved: to the service, and back.
+    pub(super) fn count_closed(&mut self, (to_service, to_client): (u64, u64)) {
+        self.closed_bytes.0 += to_service;
+        self.closed_bytes.1 += to_client;
+    }
+}
+
 impl AgentCore {
     /// Takes every connection waiting on the status listener. Its queue is
     /// short (64) and a connection beyond `MAX_CONNS` is closed as soon as

@@ -195,6 +195,52 @@ fn a_dial_line_is_served_by_piping_to_the_local_service() {
     assert_eq!(&got, b"to the service");
 }
 
+/// Piping => Flushing => closed: a client done while the relay's side has
+/// not acknowledged every byte the service sent keeps its sockets until it
+/// has (a close would leave them to an orphan, which the kernel resets when
+/// TCP memory runs short); the relay's side gets every byte and the end.
+#[test]
+fn a_client_done_before_the_relay_has_every_byte_waits_for_it() {
+    let relay = FakeRelay::new();
+    let (service, addr) = echo_service();
+    let mut h = Harness::new(relay.addr(), Service::Forward(addr), |_| {});
+    let mut control = registered(&mut h, &relay, 4242);
+    // Accepted dial-ins inherit a receive window too small for 8 KiB.
+    let dial =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    dial.set_recv_buffer_size(1024).expect("a small window");
+    dial.bind(&SocketAddr::new(LOCALHOST, 0).into())
+        .expect("bind");
+    dial.listen(8).expect("listen");
+    let dial = TcpListener::from(dial);
+    let line = format!("{}\n", dial.local_addr().expect("addr").port());
+    control.write_all(line.as_bytes()).expect("dial line");
+    h.until("piping", |s| s.contains(&"Piping"));
+    let (mut dial_in, _) = dial.accept().expect("the dial-in");
+    let (mut local, _) = service.accept().expect("the local connection");
+    let sent: Vec<u8> = (0..8192u32).map(|i| (i % 253) as u8).collect();
+    dial_in
+        .shutdown(std::net::Shutdown::Write)
+        .expect("the client ends");
+    local.write_all(&sent).expect("the service's last bytes");
+    local
+        .shutdown(std::net::Shutdown::Write)
+        .expect("the service ends");
+    h.until("flushing", |s| s.contains(&"Flushing"));
+    h.turn_at(Instant::now() + Duration::from_secs(1));
+    assert!(
+        h.states().contains(&"Flushing"),
+        "kept while nothing is read"
+    );
+    let mut got = Vec::new();
+    dial_in.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    dial_in
+        .read_to_end(&mut got)
+        .expect("every byte, then the end");
+    assert_eq!(got, sent);
+    h.until("closed once delivered", |s| s == ["Registered"]);
+}
+
 /// (none) => Dialing => Echoing for the sample app.
 #[test]
 fn a_dial_line_of_the_echo_app_is_echoed() {

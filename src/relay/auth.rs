@@ -52,12 +52,12 @@ impl RelayCore {
         let inserted = self.table.insert(|id, registry| {
             let interest = Interest::READABLE | Interest::WRITABLE;
             registry.register(&mut control.stream, id.token(CONTROL), interest)?;
-            Ok(RelayConn::Authenticating(Applicant {
+            Ok(RelayConn::Authenticating(Box::new(Applicant {
                 control,
                 nonce,
                 answered: None,
                 early: Requests::default(),
-            }))
+            })))
         });
         match inserted {
             Ok(id) => {
@@ -122,6 +122,7 @@ impl RelayCore {
         }
         self.table.transition(id, |conn| match conn {
             RelayConn::Authenticating(applicant) => {
+                let applicant = *applicant;
                 let mut app = App::new(applicant.control, listeners, ports);
                 app.control.queue(&established_line(ports.0));
                 app.requests = applicant.early;

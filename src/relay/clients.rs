@@ -10,9 +10,10 @@ use mio::Interest;
 use mio::net::TcpStream;
 
 use super::core::RelayCore;
-use super::state::{CLIENT, DIAL_IN, Ending, Piped, RelayConn, Waiting};
+use super::state::{CLIENT, DIAL_IN, Ending, Flushing, Piped, RelayConn, Waiting};
 use super::status::{Listener, Refused};
 use crate::auth::DialToken;
+use crate::flush::{Check, Flush, STALL};
 use crate::pipe::{Broken, Endpoint, Flow, Pipe, RxState};
 use crate::protocol::dial_line;
 use crate::sockio::{no_delay, reset_on_close};
@@ -354,10 +355,58 @@ impl RelayCore {
         match flow {
             Ok(Flow::Idle) => {}
             Ok(Flow::More) => self.table.requeue(id, CLIENT),
-            Ok(Flow::Done) => self.close(id, Ending::Done),
+            Ok(Flow::Done) => self.finish(id, now),
             Err(Broken::Reset) => self.close(id, Ending::Reset),
             Err(Broken::Failed(e)) => self.close(id, Ending::Failed(e)),
             Err(Broken::Lost) => self.retry(id, now),
+        }
+    }
+
+    /// Both ways are done: Piping => closed, or => Flushing while a peer has
+    /// not acknowledged every byte (a close would leave them to an orphan,
+    /// which the kernel resets when TCP memory runs short: `crate::flush`).
+    fn finish(&mut self, id: Id, now: Instant) {
+        let Some(RelayConn::Piping(piped)) = self.table.get(id) else {
+            return;
+        };
+        if piped.pipe.unacked() == 0 {
+            return self.close(id, Ending::Done);
+        }
+        let (pool, mut check) = (&mut self.pool, Check::Delivered);
+        self.table.transition(id, |conn| match conn {
+            RelayConn::Piping(piped) => {
+                let (flush, first) = Flush::new(piped.pipe.into_streams(pool), now);
+                check = first;
+                RelayConn::Flushing(Flushing {
+                    flush,
+                    app: piped.app,
+                })
+            }
+            other => other,
+        });
+        self.flush_checked(id, check);
+    }
+
+    /// Flushing: counts what the peers have not acknowledged yet.
+    pub(super) fn check_flush(&mut self, id: Id, now: Instant) {
+        if let Some(RelayConn::Flushing(flushing)) = self.table.get_mut(id) {
+            let check = flushing.flush.check(now);
+            self.flush_checked(id, check);
+        }
+    }
+
+    /// Flushing => closed once delivered, or when the peers stall.
+    fn flush_checked(&mut self, id: Id, check: Check) {
+        match check {
+            Check::Delivered => self.close(id, Ending::Done),
+            Check::Again(at) => self.table.arm(id, at),
+            Check::Stalled => {
+                if let Some(RelayConn::Flushing(flushing)) = self.table.get(id) {
+                    let pending = flushing.flush.pending();
+                    log::debug!("pipe closed with {pending} bytes unacknowledged for {STALL:?}");
+                }
+                self.close(id, Ending::Done);
+            }
         }
     }
 

@@ -234,6 +234,8 @@ impl RelayCore {
             RelayConn::Piping(piped) => piped.pipe.b.note(event),
             RelayConn::Authenticating(applicant) => applicant.control.note(event),
             RelayConn::Presenting(_) | RelayConn::Unwrapping(_) => {}
+            // Acknowledgements free send space, a reset ends the wait: look.
+            RelayConn::Flushing(_) => {}
             RelayConn::Observer(conn) => conn.note(event),
             // A ready dial-in: readable means data from the app, or its end.
             RelayConn::Standby(spare) => {
@@ -264,6 +266,7 @@ impl RelayCore {
             }
             RelayConn::AwaitingDialIn(_) => {}
             RelayConn::Piping(_) => self.pump(id, now),
+            RelayConn::Flushing(_) => self.check_flush(id, now),
             RelayConn::Authenticating(_) => self.serve_applicant(id, now),
             RelayConn::Presenting(_) => self.read_token(id, now),
             RelayConn::Standby(_) => self.check_spare(id, now),
@@ -280,6 +283,7 @@ impl RelayCore {
         while let Some(id) = self.table.pop_due(now) {
             match self.table.get(id) {
                 Some(RelayConn::Piping(_)) => self.check_idle(id, now),
+                Some(RelayConn::Flushing(_)) => self.check_flush(id, now),
                 Some(RelayConn::App(_)) => self.app_due(id, now),
                 Some(RelayConn::AwaitingDialIn(_)) => {
                     self.metrics.dial_in_timeouts += 1;
@@ -500,6 +504,12 @@ impl RelayCore {
                     self.unpiped(piped.app);
                     self.retire_pipe(piped.pipe, ending);
                 }
+                RelayConn::Flushing(flushing) => {
+                    self.unpiped(flushing.app);
+                    for mut stream in flushing.flush.into_ends() {
+                        reactor::forget(self.table.registry(), &mut stream);
+                    }
+                }
                 RelayConn::Authenticating(mut applicant) => {
                     reactor::forget(self.table.registry(), &mut applicant.control.stream);
                 }
@@ -561,7 +571,12 @@ impl RelayCore {
         let closing: Vec<Id> = self
             .table
             .iter()
-            .filter(|(_, conn)| !matches!(conn, RelayConn::Piping(_) | RelayConn::Vacant))
+            .filter(|(_, conn)| {
+                !matches!(
+                    conn,
+                    RelayConn::Piping(_) | RelayConn::Flushing(_) | RelayConn::Vacant
+                )
+            })
             .map(|(id, _)| id)
             .collect();
         for id in closing {

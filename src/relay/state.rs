@@ -12,6 +12,10 @@
 //!                           └── (ready) its ready dial-in lost on trial ─┘
 //! ```
 //!
+//! A pipe done while its peers have not acknowledged every byte stays
+//! `Flushing` until they have (`Piping ─► Flushing ─► closed`; see
+//! `crate::flush`).
+//!
 //! With a secret (`auth`): `Authenticating ─(right answer)─► App`, and a
 //! dial-in is `Presenting` its token until it joins its client's entry.
 //! With ready dial-ins (`ready`): a dial-in waits in `Standby` until a
@@ -35,6 +39,7 @@ use super::ready::{ReadyPool, Spare};
 use crate::access::{AllowList, RateLimit};
 use crate::auth::DialToken;
 use crate::buffer::Buffer;
+use crate::flush::Flush;
 use crate::ops::server::StatusConn;
 use crate::pipe::{Endpoint, Flow, Pipe};
 use crate::protocol::{AppLine, LineReader, ProtocolError, parse_app_line};
@@ -62,8 +67,12 @@ pub(super) enum RelayConn {
     AwaitingDialIn(Waiting),
     /// A client and its dial-in, piped both ways.
     Piping(Piped),
+    /// A finished pipe whose peers have not acknowledged every byte yet
+    /// (see `crate::flush`); counted as a pipe until they have.
+    Flushing(Flushing),
     /// (`auth`) An app that must answer the challenge before it gets a port.
-    Authenticating(Applicant),
+    /// Boxed, as an app is: a control connection is larger than a pipe.
+    Authenticating(Box<Applicant>),
     /// (`auth`) A dial-in that must present its client's token first.
     Presenting(Presenter),
     /// (`ready`) A dial-in kept ready for the next client.
@@ -100,6 +109,7 @@ impl State for RelayConn {
             RelayConn::App(_) => "App",
             RelayConn::AwaitingDialIn(_) => "AwaitingDialIn",
             RelayConn::Piping(_) => "Piping",
+            RelayConn::Flushing(_) => "Flushing",
             RelayConn::Authenticating(_) => "Authenticating",
             RelayConn::Presenting(_) => "Presenting",
             RelayConn::Standby(_) => "Standby",
@@ -113,7 +123,7 @@ impl State for RelayConn {
         match self {
             RelayConn::App(_) => Some(APPS),
             RelayConn::AwaitingDialIn(_) => Some(WAITING),
-            RelayConn::Piping(_) => Some(PIPES),
+            RelayConn::Piping(_) | RelayConn::Flushing(_) => Some(PIPES),
             RelayConn::Authenticating(_) => Some(APPLICANTS),
             RelayConn::Presenting(_) => Some(PRESENTING),
             RelayConn::Standby(_) => Some(SPARES),
@@ -127,7 +137,7 @@ impl State for RelayConn {
     /// status connections, which have a cap of their own).
     fn sockets(&self) -> usize {
         match self {
-            RelayConn::Piping(_) => 2,
+            RelayConn::Piping(_) | RelayConn::Flushing(_) => 2,
             RelayConn::Vacant | RelayConn::Observer(_) => 0,
             RelayConn::App(_)
             | RelayConn::AwaitingDialIn(_)
@@ -431,6 +441,12 @@ impl Piped {
     }
 }
 
+/// A finished pipe's sockets, kept until their peers have every byte.
+pub(super) struct Flushing {
+    pub(super) flush: Flush, // the client's socket, then the dial-in's
+    pub(super) app: Id,      // the app it was paired through
+}
+
 /// Why an entry closes; decides log level and FIN versus RST.
 #[derive(Debug)]
 pub(super) enum Ending {
@@ -477,5 +493,22 @@ impl fmt::Display for Ending {
             Ending::Refused => f.write_str("refused"),
             Ending::Shutdown => f.write_str("relay shutting down"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every entry of the table is as large as the largest state, and most
+    /// entries are clients: a state larger than a pipe costs every client
+    /// (an app is boxed for this).
+    #[test]
+    fn an_entry_is_no_larger_than_a_pipe() {
+        let (entry, pipe) = (size_of::<RelayConn>(), size_of::<Piped>());
+        assert!(
+            entry <= pipe + size_of::<usize>(),
+            "{entry} B, a pipe {pipe} B"
+        );
     }
 }

@@ -223,6 +223,68 @@ fn a_pipe_closes_when_both_ways_are_done() {
     h.until("the pipe closed", |s| s == ["App"]);
 }
 
+/// A client with a receive window too small for what its app sent last:
+/// the app's bytes and end are written, the client has read nothing.
+/// Returns the app's control connection (the app stays while it is open)
+/// and the client.
+fn piped_to_a_client_that_does_not_read(h: &mut Harness, bytes: &[u8]) -> (TcpStream, TcpStream) {
+    let (control, mut lines, port) = h.app();
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket.set_recv_buffer_size(1024).expect("a small window");
+    socket.connect(&local(port).into()).expect("connect");
+    let client = TcpStream::from(socket);
+    client.set_read_timeout(Some(PATIENCE)).expect("timeout");
+    h.until("the client waiting", |s| s.contains(&"AwaitingDialIn"));
+    let mut dial_in = connect(local(dial_line(&mut lines).0));
+    h.until("the pipe", |s| s.contains(&"Piping"));
+    client.shutdown(Shutdown::Write).expect("client ends");
+    dial_in.write_all(bytes).expect("the app's last bytes");
+    dial_in.shutdown(Shutdown::Write).expect("app ends");
+    (control, client)
+}
+
+/// Piping => Flushing => closed: a pipe done while its client has not
+/// acknowledged every byte keeps its sockets until it has (a close would
+/// leave them to an orphan, which the kernel resets when TCP memory runs
+/// short), and the client gets every byte and its end.
+#[test]
+fn a_pipe_done_before_its_client_has_every_byte_waits_for_it() {
+    let mut h = Harness::new(|_| {});
+    let sent: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    let (_control, mut client) = piped_to_a_client_that_does_not_read(&mut h, &sent);
+    h.until("flushing", |s| s.contains(&"Flushing"));
+    h.turn_at(Instant::now() + Duration::from_secs(1));
+    assert_eq!(
+        h.count("Flushing"),
+        1,
+        "kept while the client reads nothing"
+    );
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .expect("every byte, then the end");
+    assert_eq!(got, sent);
+    h.until("closed once delivered", |s| s == ["App"]);
+}
+
+/// Flushing => closed when the client acknowledges nothing for the stall
+/// time: the close is orderly (the kernel goes on delivering), not a reset.
+#[test]
+fn a_finished_pipe_whose_client_never_reads_is_closed_after_the_stall_time() {
+    let mut h = Harness::new(|_| {});
+    let sent = vec![7u8; 8192];
+    let (_control, mut client) = piped_to_a_client_that_does_not_read(&mut h, &sent);
+    h.until("flushing", |s| s.contains(&"Flushing"));
+    h.turn_at(Instant::now() + crate::flush::STALL + Duration::from_secs(1));
+    assert_eq!(h.states(), ["App"]);
+    let mut got = Vec::new();
+    client
+        .read_to_end(&mut got)
+        .expect("the rest, from the kernel");
+    assert_eq!(got, sent);
+}
+
 /// AwaitingDialIn => closed when the dial-in timeout passes: the client
 /// gets a reset, not a byte. (The turn runs "later": no waiting.)
 #[test]

@@ -47,6 +47,7 @@ pub(crate) struct Script {
     error: Cell<Option<io::ErrorKind>>, // the pending socket error (SO_ERROR)
     peer_reset: Cell<bool>,             // the peer reset: shutting down fails
     rst_on_close: Cell<bool>,           // reset_on_close was called
+    unacked: Cell<usize>,               // bytes the peer has not acknowledged
 }
 
 impl Script {
@@ -71,6 +72,11 @@ impl Script {
     pub(crate) fn reset_by_peer(&self) {
         self.error.set(Some(io::ErrorKind::ConnectionReset));
         self.peer_reset.set(true);
+    }
+
+    /// The peer has not acknowledged this many of the bytes written.
+    pub(crate) fn set_unacked(&self, bytes: usize) {
+        self.unacked.set(bytes);
     }
 
     /// Every byte written so far.
@@ -169,6 +175,11 @@ impl Stream for Script {
 
     fn reset_on_close(&self) {
         self.rst_on_close.set(true);
+    }
+
+    /// As a reset socket's `SIOCOUTQ` may: what it said before the reset.
+    fn unacked(&self) -> usize {
+        self.unacked.get()
     }
 
     /// A script has no descriptor: it can only be read into a ring.
