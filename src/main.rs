@@ -145,6 +145,7 @@ fn expose(args: ExposeArgs, level: LevelFilter) -> Result<(), String> {
         metrics: args.metrics,
     };
     if args.file.print_config {
+        config.check()?;
         return print(&cli::print::expose(&config, &shown, &source, level));
     }
     run_agent(config)

@@ -233,7 +233,8 @@ fn exchange(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
 
 /// `--port` is for one service: with several, each says its port with
 /// `@PORT`. Two services of one name are refused too, before anything
-/// connects.
+/// connects, whether named or named after the same local address, and by
+/// `--print-config` as well (what it prints must run).
 #[test]
 fn expose_refuses_ambiguous_services() {
     for (args, why) in [
@@ -251,6 +252,20 @@ fn expose_refuses_ambiguous_services() {
         (
             vec!["--local", "a=127.0.0.1:1", "--local", "a=127.0.0.1:2"],
             "two services are named \"a\"",
+        ),
+        (
+            vec!["--local", "127.0.0.1:1", "--local", "127.0.0.1:1@9000"],
+            "two services are named \"127.0.0.1:1\"",
+        ),
+        (
+            vec![
+                "--print-config",
+                "--local",
+                "127.0.0.1:1",
+                "--local",
+                "127.0.0.1:1@9000",
+            ],
+            "two services are named \"127.0.0.1:1\"",
         ),
         (vec!["--local", "a b=127.0.0.1:1"], "bad service name"),
         (vec![], "nothing to expose"),

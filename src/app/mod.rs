@@ -165,8 +165,9 @@ impl AgentConfig {
     }
 
     /// Whether the config can run: at least one relay and one service, and
-    /// several services each named, differently.
-    fn check(&self) -> Result<(), String> {
+    /// several services each named, differently. [`Agent::new`] checks it;
+    /// `expose --print-config` too, so that what it prints would run.
+    pub fn check(&self) -> Result<(), String> {
         if self.relays.is_empty() {
             return Err("no relay to register with".into());
         }
