@@ -21,14 +21,20 @@ const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const STRANGER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 
 /// A relay process on 127.0.0.1 with `flags` and a status endpoint; its
-/// registration address.
+/// registration address. Ports picked free may be taken before the relay
+/// binds them (tests run in parallel): then again, with others.
 fn start_relay_process(flags: &[&str]) -> (RelayProcess, SocketAddr) {
-    let reg = local(free_port());
-    let reg_port = reg.port().to_string();
-    let mut args = vec!["--bind", "127.0.0.1", "--reg-port", &reg_port];
-    args.extend(["--relay-style", "random"]);
-    args.extend(flags);
-    (RelayProcess::start(&args, local(free_port())), reg)
+    for _ in 0..5 {
+        let reg = local(free_port());
+        let reg_port = reg.port().to_string();
+        let mut args = vec!["--bind", "127.0.0.1", "--reg-port", &reg_port];
+        args.extend(["--relay-style", "random"]);
+        args.extend(flags);
+        if let Some(relay) = RelayProcess::try_start(&args, local(free_port())) {
+            return (relay, reg);
+        }
+    }
+    panic!("no relay started in five tries: its ports taken each time");
 }
 
 /// An echo app registered from 127.0.0.1, on its own thread.

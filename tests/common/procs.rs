@@ -7,9 +7,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{connect, wait_until};
+use super::WAIT;
 
 /// `tcp-relay serve` with `--metrics` on a loopback address.
 pub struct RelayProcess {
@@ -21,6 +21,16 @@ impl RelayProcess {
     /// `tcp-relay serve <args> --metrics <metrics> -q`; returns once the
     /// status endpoint answers (the relay listens on every port by then).
     pub fn start(args: &[&str], metrics: SocketAddr) -> RelayProcess {
+        Self::try_start(args, metrics).expect("the relay exited at start (a port taken?)")
+    }
+
+    /// [`start`](Self::start), or `None` if the relay exits first: ports a
+    /// test picked with `free_port` were free when picked, and a test
+    /// running in parallel (or an outgoing connection's ephemeral port) may
+    /// have taken one since; the caller picks new ones and tries again.
+    /// Ready means its own `/metrics` answered: a bare connect could reach
+    /// whatever else listens there.
+    pub fn try_start(args: &[&str], metrics: SocketAddr) -> Option<RelayProcess> {
         let metrics_arg = metrics.to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
             .arg("serve")
@@ -30,21 +40,43 @@ impl RelayProcess {
             .stdout(Stdio::null())
             .spawn()
             .expect("start a relay");
-        let relay = RelayProcess { child, metrics };
-        wait_until("the relay's status endpoint answers", || {
-            TcpStream::connect(relay.metrics).is_ok()
-        });
-        relay
+        let mut relay = RelayProcess { child, metrics };
+        let deadline = Instant::now() + WAIT;
+        while !relay.answers() {
+            if !matches!(relay.child.try_wait(), Ok(None)) {
+                return None;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the relay never answered on {metrics}"
+            );
+            // A poll interval, not synchronisation: the condition is re-checked.
+            thread::sleep(Duration::from_millis(2));
+        }
+        Some(relay)
+    }
+
+    /// Whether `/metrics` answers with the relay's own metrics.
+    fn answers(&self) -> bool {
+        self.scrape()
+            .is_ok_and(|text| text.contains("tcp_relay_apps"))
+    }
+
+    /// `/metrics`, as text.
+    fn scrape(&self) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&self.metrics, WAIT)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        stream.write_all(request)?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
     }
 
     /// One sample of `/metrics` by its name and labels as printed
     /// (`tcp_relay_bytes_total{direction="to_app"}`); 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        let mut stream = connect(self.metrics);
-        let request = b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
-        stream.write_all(request).expect("ask for metrics");
-        let mut text = String::new();
-        stream.read_to_string(&mut text).expect("metrics");
+        let text = self.scrape().expect("the relay's metrics");
         let prefix = format!("{sample} ");
         let value = text.lines().find_map(|line| line.strip_prefix(&prefix));
         value.and_then(|v| v.parse().ok()).unwrap_or(0.0)
