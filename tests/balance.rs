@@ -28,6 +28,24 @@ const PATIENCE: Duration = Duration::from_secs(60);
 /// A relay on `bind`, registration port `reg`, trusting PROXY headers
 /// from loopback (HAProxy), any relayed port allowed.
 fn start_relay_process(bind: IpAddr, reg: u16, metrics: u16) -> RelayProcess {
+    RelayProcess::start(&relay_args(bind, reg), local(metrics))
+}
+
+/// A first relay on `bind` on ports picked free, and those ports: picked
+/// again if one was taken before the relay could bind it (tests run in
+/// parallel). Its registration port, then its status port.
+fn start_relay_on_free_ports(bind: IpAddr) -> (RelayProcess, u16, u16) {
+    for _ in 0..5 {
+        let (reg, metrics) = (free_port(), free_port());
+        if let Some(relay) = RelayProcess::try_start(&relay_args(bind, reg), local(metrics)) {
+            return (relay, reg, metrics);
+        }
+    }
+    panic!("no relay started on {bind} in five tries: its ports taken each time");
+}
+
+/// The flags of a relay on `bind` with registration port `reg`.
+fn relay_args(bind: IpAddr, reg: u16) -> Vec<String> {
     let (bind, reg) = (bind.to_string(), reg.to_string());
     let args = [
         "--bind",
@@ -39,7 +57,7 @@ fn start_relay_process(bind: IpAddr, reg: u16, metrics: u16) -> RelayProcess {
         "--accept-proxy-from",
         "127.0.0.0/8",
     ];
-    RelayProcess::start(&args, local(metrics))
+    args.map(String::from).to_vec()
 }
 
 /// Bytes a relay has carried from clients to the app.
@@ -127,11 +145,9 @@ fn until_served_in_a_row(front: SocketAddr, count: usize, what: &str) {
 fn two_relays_behind_haproxy_fail_over_and_come_back() {
     let dir = TempDir::new("balance");
     let (front, port) = (free_port(), free_port());
-    let (reg_a, reg_b) = (free_port(), free_port());
-    let (metrics_a, metrics_b) = (free_port(), free_port());
     let other = IpAddr::from([127, 0, 0, 2]);
-    let relay_a = start_relay_process(LOCALHOST, reg_a, metrics_a);
-    let relay_b = start_relay_process(other, reg_b, metrics_b);
+    let (relay_a, reg_a, metrics_a) = start_relay_on_free_ports(LOCALHOST);
+    let (relay_b, reg_b, _) = start_relay_on_free_ports(other);
     let service = echo_service();
     let (a, b, local_arg) = (
         format!("127.0.0.1:{reg_a}"),

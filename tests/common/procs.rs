@@ -20,7 +20,7 @@ pub struct RelayProcess {
 impl RelayProcess {
     /// `tcp-relay serve <args> --metrics <metrics> -q`; returns once the
     /// status endpoint answers (the relay listens on every port by then).
-    pub fn start(args: &[&str], metrics: SocketAddr) -> RelayProcess {
+    pub fn start(args: &[impl AsRef<std::ffi::OsStr>], metrics: SocketAddr) -> RelayProcess {
         Self::try_start(args, metrics).expect("the relay exited at start (a port taken?)")
     }
 
@@ -30,7 +30,10 @@ impl RelayProcess {
     /// have taken one since; the caller picks new ones and tries again.
     /// Ready means its own `/metrics` answered: a bare connect could reach
     /// whatever else listens there.
-    pub fn try_start(args: &[&str], metrics: SocketAddr) -> Option<RelayProcess> {
+    pub fn try_start(
+        args: &[impl AsRef<std::ffi::OsStr>],
+        metrics: SocketAddr,
+    ) -> Option<RelayProcess> {
         let metrics_arg = metrics.to_string();
         let child = Command::new(env!("CARGO_BIN_EXE_tcp-relay"))
             .arg("serve")
