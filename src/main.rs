@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use cli::args::SecretFile;
 use cli::print::{SecretSource, ServiceShown};
+use cli::values::ProxySetting;
 use cli::{Command, EchoArgs, ExposeArgs, LoadError, ServeArgs};
 use log::LevelFilter;
 use tcp_relay::{
@@ -178,7 +179,10 @@ fn expose_services(args: &ExposeArgs) -> Result<(Vec<ServiceConfig>, Vec<Service
             },
             port: spec.port.or(args.port),
             ready: usize::from(spec.ready.unwrap_or(args.ready)),
-            proxy_protocol: spec.proxy_protocol.or(args.proxy_protocol),
+            proxy_protocol: spec
+                .proxy_protocol
+                .or(args.proxy_protocol)
+                .and_then(ProxySetting::version),
             allow_clients: spec.allow_clients.clone().or(args.allow_clients.clone()),
             client_rate: spec
                 .client_rate

@@ -394,6 +394,30 @@ fn service_tables_round_trip() {
     assert_eq!(value_of(&flagged, "client_burst"), ["2", "2"]);
 }
 
+/// A service table turns off the file's top-level `proxy_protocol` for
+/// itself with `none`; the others keep it.
+#[test]
+fn a_service_may_turn_the_proxy_protocol_off() {
+    let dir = TempDir::new("config-proxy-none");
+    let text = "relays = [\"127.0.0.1:8080\"]\nproxy_protocol = \"v2\"\n\n\
+                [[service]]\nname = \"web\"\nlocal = \"127.0.0.1:3000\"\n\n\
+                [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nproxy_protocol = \"none\"\n";
+    let file = write(&dir, "proxy.toml", text);
+    let printed = print_config("expose", &["--config", &file], &dir);
+    assert_eq!(
+        value_of(&printed, "proxy_protocol"),
+        ["\"v2\""],
+        "{printed}"
+    );
+    assert!(printed.contains("# proxy_protocol: not set"), "{printed}");
+    let flagged = print_config(
+        "expose",
+        &["--config", &file, "--proxy-protocol", "none"],
+        &dir,
+    );
+    assert!(value_of(&flagged, "proxy_protocol").is_empty(), "{flagged}");
+}
+
 /// The values of `key` in `print`, top-level and in services, in order.
 fn value_of(print: &str, key: &str) -> Vec<String> {
     let prefix = format!("{key} = ");

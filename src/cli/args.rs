@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 use log::LevelFilter;
-use tcp_relay::{AllowList, Config, ProxyVersion, Rate, RelayStyle};
+use tcp_relay::{AllowList, Config, Rate, RelayStyle};
 
-use super::values::{LocalSpec, parse_burst, parse_duration, parse_local, parse_port_range};
+use super::values::{
+    LocalSpec, ProxySetting, parse_burst, parse_duration, parse_local, parse_port_range,
+};
 
 /// A TCP relay: publishes apps behind NAT on public ports, never dialing out.
 #[derive(Parser)]
@@ -211,9 +213,10 @@ pub(crate) struct ExposeArgs {
     /// Ask the relay to begin every dial-in with a PROXY protocol header
     /// (v1: text, v2: binary) naming the client's real address; it reaches
     /// the local service untouched (nginx `listen ... proxy_protocol`,
-    /// HAProxy `accept-proxy`). The service must expect it.
-    #[arg(long, value_name = "VERSION")]
-    pub proxy_protocol: Option<ProxyVersion>,
+    /// HAProxy `accept-proxy`). The service must expect it. `none` (the
+    /// default) asks for none, also where a config file asks for one.
+    #[arg(long, value_name = "v1|v2|none")]
+    pub proxy_protocol: Option<ProxySetting>,
     /// Ask each relay to admit to every service's port only clients from
     /// these sources (the allow extension), on top of the relay's own
     /// --allow-clients. Registration fails if a relay does not answer.

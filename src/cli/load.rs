@@ -20,12 +20,12 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgMatches, CommandFactory, FromArgMatches};
 use std::num::NonZeroU32;
 
-use tcp_relay::{AllowList, ProxyVersion, Rate};
+use tcp_relay::{AllowList, Rate};
 
 use super::args::{Cli, Command};
 use super::file::{self, ConfigFile, Setting, Table, Value, at};
 use super::keys::{self, SERVICE, Token};
-use super::values::{LocalSpec, check_name, parse_local};
+use super::values::{LocalSpec, ProxySetting, check_name, parse_local};
 
 /// The keys of a `[[service]]` table.
 pub(crate) const SERVICE_KEYS: [&str; 8] = [
@@ -343,7 +343,7 @@ impl<'a> Merge<'a> {
                 "port" => spec.port = self.flag_value::<u16>(setting)?,
                 "ready" => spec.ready = self.flag_value::<u16>(setting)?,
                 "proxy_protocol" => {
-                    spec.proxy_protocol = self.flag_value::<ProxyVersion>(setting)?
+                    spec.proxy_protocol = self.flag_value::<ProxySetting>(setting)?
                 }
                 "allow_clients" => spec.allow_clients = self.flag_value::<AllowList>(setting)?,
                 "client_rate" => spec.client_rate = self.flag_value::<Rate>(setting)?,
@@ -481,6 +481,7 @@ mod tests {
     use crate::cli::args::{ExposeArgs, ServeArgs};
     use crate::cli::values::parse_local;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tcp_relay::ProxyVersion;
 
     /// A config file holding `text`, in a fresh directory removed on drop.
     struct TempFile(PathBuf);
@@ -573,12 +574,29 @@ mod tests {
         let mut web = parse_local("web=127.0.0.1:3000@8081").expect("parses");
         web.ready = Some(5);
         let mut ssh = parse_local("127.0.0.1:22").expect("parses");
-        ssh.proxy_protocol = Some(ProxyVersion::V2);
+        ssh.proxy_protocol = Some(ProxySetting::Header(ProxyVersion::V2));
         assert_eq!(args.local, [web, ssh]);
         assert_eq!(
             (args.ready, args.proxy_protocol),
-            (2, Some(ProxyVersion::V1))
+            (2, Some(ProxySetting::Header(ProxyVersion::V1)))
         );
+    }
+
+    #[test]
+    fn a_service_table_may_turn_the_files_proxy_protocol_off() {
+        let file = "proxy_protocol = \"v1\"\n\
+            [[service]]\nname = \"web\"\nlocal = \"127.0.0.1:3000\"\n\
+            [[service]]\nname = \"ssh\"\nlocal = \"127.0.0.1:22\"\nproxy_protocol = \"none\"\n";
+        let args = expose(&[], file);
+        let own: Vec<_> = args.local.iter().map(|s| s.proxy_protocol).collect();
+        assert_eq!(own, [None, Some(ProxySetting::None)]);
+        assert_eq!(
+            args.proxy_protocol,
+            Some(ProxySetting::Header(ProxyVersion::V1))
+        );
+        assert_eq!("none".parse::<ProxySetting>(), Ok(ProxySetting::None));
+        let bad = "v3".parse::<ProxySetting>().expect_err("not a version");
+        assert!(bad.contains("v1, v2 or none"), "{bad}");
     }
 
     #[test]
@@ -591,7 +609,7 @@ mod tests {
         );
         assert_eq!(
             (args.ready, args.proxy_protocol),
-            (1, Some(ProxyVersion::V2))
+            (1, Some(ProxySetting::Header(ProxyVersion::V2)))
         );
     }
 

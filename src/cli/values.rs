@@ -1,7 +1,9 @@
 //! The values users type, both ways: parsing durations, port ranges,
 //! bursts and services, and writing durations back as they are typed.
 
+use std::fmt;
 use std::num::NonZeroU32;
+use std::str::FromStr;
 use std::time::Duration;
 
 use tcp_relay::{AllowList, ProxyVersion, Rate};
@@ -16,10 +18,53 @@ pub(crate) struct LocalSpec {
     pub local: String,                        // HOST:PORT, resolved when the agent starts
     pub port: Option<u16>,                    // @PORT, if given
     pub ready: Option<u16>,                   // the table's ready; None: --ready's
-    pub proxy_protocol: Option<ProxyVersion>, // the table's; None: --proxy-protocol's
+    pub proxy_protocol: Option<ProxySetting>, // the table's; None: --proxy-protocol's
     pub allow_clients: Option<AllowList>,     // the table's; None: --allow-clients'
     pub client_rate: Option<Rate>,            // the table's; None: --client-rate's
     pub client_burst: Option<NonZeroU32>,     // the table's; None: --client-burst's
+}
+
+/// `--proxy-protocol` and `proxy_protocol`: a header version, or `none`,
+/// with which a `[[service]]` table turns off the file's top-level setting
+/// for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProxySetting {
+    /// Ask for headers of this version.
+    Header(ProxyVersion),
+    /// Ask for none (the default).
+    None,
+}
+
+impl ProxySetting {
+    /// The version to ask for, if any.
+    pub(crate) fn version(self) -> Option<ProxyVersion> {
+        match self {
+            ProxySetting::Header(version) => Some(version),
+            ProxySetting::None => None,
+        }
+    }
+}
+
+impl FromStr for ProxySetting {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "none" => Ok(ProxySetting::None),
+            _ => text.parse().map(ProxySetting::Header).map_err(|_| {
+                format!("unknown PROXY protocol version {text:?} (use v1, v2 or none)")
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ProxySetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxySetting::Header(version) => version.fmt(f),
+            ProxySetting::None => f.write_str("none"),
+        }
+    }
 }
 
 /// Parses `[NAME=]HOST:PORT[@PORT]`. A name is letters, digits, `-`, `_`
