@@ -77,7 +77,7 @@ impl<S: Stream> Flush<S> {
             ends,
             unacked: usize::MAX,
             progress: now,
-            interval: FIRST_CHECK / 2,
+            interval: FIRST_CHECK,
             reset: false,
         };
         let check = flush.check(now);
@@ -101,8 +101,9 @@ impl<S: Stream> Flush<S> {
         if now >= self.progress + STALL {
             return Check::Stalled;
         }
+        let next = now + self.interval;
         self.interval = (self.interval * 2).min(LAST_CHECK);
-        Check::Again(now + self.interval)
+        Check::Again(next)
     }
 
     /// The sockets kept (what the entry counts against its limits).
